@@ -1,0 +1,81 @@
+"""`flaxbert <command>`: parses flags and the config, then calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flaxbert.config import ConfigError, load_config
+
+log = logging.getLogger("flaxbert")
+
+
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the command's own flags."""
+    rest, overrides, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--config."):
+            overrides.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                overrides.append(argv[i + 1])
+                i += 1
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, overrides
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config",
+        required=True,
+        metavar="FILE[:ARG]",
+        help="config file and its argument, e.g. configs/pretrain.py:tiny; any "
+        "value can then be overridden with --config.KEY=VALUE, e.g. "
+        "--config.train.learning_rate=3e-4",
+    )
+    p.add_argument(
+        "--workdir",
+        required=True,
+        help="directory for metrics.jsonl, TensorBoard events and the config",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flaxbert", description="Pre-train BERT and fine-tune it, in JAX/Flax."
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = commands.add_parser(
+        "pretrain",
+        help="pre-train BERT (masked LM + next-sentence prediction)",
+        description="Pre-train BERT from scratch. With data.corpus empty it uses the "
+        "embedded synthetic corpus.",
+    )
+    _config_args(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rest, overrides = _split_config_overrides(argv)
+    args = build_parser().parse_args(rest)
+    logging.basicConfig(
+        level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True
+    )
+    try:
+        config = load_config(args.config, overrides)
+        if args.command == "pretrain":
+            from flaxbert.train import pretrain  # JAX loads only once the flags are fine
+
+            pretrain(config, args.workdir)
+    except ConfigError as e:
+        print(f"flaxbert {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Corpora, pre-training instances (NSP pairs + MLM masks) and the batch loader."""

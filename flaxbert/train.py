@@ -1,0 +1,420 @@
+"""TrainState, optimizer, the pure pre-training train/eval steps, and the pre-training loop.
+
+`train_step(state, batch, rng) -> (state, metrics)` is one pure function; the loop compiles
+it with `jax.jit` and donates the state. Dropout randomness is `fold_in(rng, step)` inside
+the step, so the same (seed, step) always draws the same masks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flaxbert.config import ConfigError, require
+from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches, prefetch
+from flaxbert.data.sources import load_corpus
+from flaxbert.model import BertConfig, BertForPreTraining
+from flaxbert.monitor import MetricWriter, Progress
+
+log = logging.getLogger("flaxbert")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up to `learning_rate`, then linear/polynomial decay or a constant."""
+    lr, warmup = train.learning_rate, train.warmup_steps
+    decay_steps = max(train.num_steps - warmup, 1)
+    if train.lr_decay == "constant":
+        decay = optax.constant_schedule(lr)
+    elif train.lr_decay in ("linear", "polynomial"):
+        power = 1.0 if train.lr_decay == "linear" else train.lr_decay_power
+        decay = optax.polynomial_schedule(lr, train.end_learning_rate, power, decay_steps)
+    else:
+        raise ConfigError(
+            f"config key train.lr_decay={train.lr_decay!r}: choose linear, polynomial or constant"
+        )
+    if warmup <= 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def decay_mask(params):
+    """True where weight decay applies: not on LayerNorm scales nor on any bias."""
+
+    def decays(path, _):
+        name = path[-1].key
+        return not (name == "scale" or name.endswith("bias"))
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(train: ml_collections.ConfigDict):
+    """Returns (schedule, optax transformation) for AdamW or LAMB with global-norm clipping."""
+    schedule = make_schedule(train)
+    kw = dict(
+        b1=train.adam_b1,
+        b2=train.adam_b2,
+        eps=train.adam_eps,
+        weight_decay=train.weight_decay,
+        mask=decay_mask,
+    )
+    if train.optimizer == "adamw":
+        opt = optax.adamw(schedule, **kw)
+    elif train.optimizer == "lamb":
+        opt = optax.lamb(schedule, **kw)
+    else:
+        raise ConfigError(f"config key train.optimizer={train.optimizer!r}: choose adamw or lamb")
+    if train.max_grad_norm > 0:
+        opt = optax.chain(optax.clip_by_global_norm(train.max_grad_norm), opt)
+    return schedule, opt
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def dummy_batch(batch_size: int, seq_len: int, num_predictions: int) -> dict[str, jax.Array]:
+    return {
+        "input_ids": jnp.zeros((batch_size, seq_len), jnp.int32),
+        "input_mask": jnp.ones((batch_size, seq_len), jnp.int32),
+        "segment_ids": jnp.zeros((batch_size, seq_len), jnp.int32),
+        "masked_lm_positions": jnp.zeros((batch_size, num_predictions), jnp.int32),
+    }
+
+
+def init_params(model: BertForPreTraining, rng: jax.Array, seq_len: int, num_predictions: int):
+    """Plain (unboxed) float parameters; the logical axis names are read with `param_specs`."""
+    batch = dummy_batch(1, seq_len, num_predictions)
+    variables = model.init(rng, **batch)
+    return nn.unbox(variables["params"])
+
+
+def apply_model(model, params, batch, deterministic: bool, rng=None):
+    return model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        batch["masked_lm_positions"],
+        batch.get("position_ids"),
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )
+
+
+def pretraining_sums(model, params, batch, deterministic: bool, rng=None) -> dict[str, jax.Array]:
+    """Summed (not averaged) losses and hits, so micro-batches and devices add up exactly."""
+    out = apply_model(model, params, batch, deterministic, rng)
+    mlm_logits = out.mlm_logits_BPV.astype(jnp.float32)
+    weights = batch["masked_lm_weights"].astype(jnp.float32)
+    labels = batch["masked_lm_ids"]
+    mlm_nll = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, labels)
+    nsp_logits = out.nsp_logits_B2.astype(jnp.float32)
+    nsp_labels = batch["next_sentence_labels"]
+    nsp_nll = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, nsp_labels)
+    return {
+        "mlm_loss_sum": jnp.sum(mlm_nll * weights),
+        "mlm_correct": jnp.sum((jnp.argmax(mlm_logits, -1) == labels) * weights),
+        "mlm_count": jnp.sum(weights),
+        "nsp_loss_sum": jnp.sum(nsp_nll),
+        "nsp_correct": jnp.sum(jnp.argmax(nsp_logits, -1) == nsp_labels).astype(jnp.float32),
+        "nsp_count": jnp.asarray(nsp_labels.shape[0], jnp.float32),
+    }
+
+
+def summarise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    mlm_count = jnp.maximum(sums["mlm_count"], 1.0)
+    nsp_count = jnp.maximum(sums["nsp_count"], 1.0)
+    out = {
+        "mlm_loss": sums["mlm_loss_sum"] / mlm_count,
+        "mlm_accuracy": sums["mlm_correct"] / mlm_count,
+        "nsp_loss": sums["nsp_loss_sum"] / nsp_count,
+        "nsp_accuracy": sums["nsp_correct"] / nsp_count,
+    }
+    out["loss"] = out["mlm_loss"] + out["nsp_loss"]
+    return out
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def make_train_step(model, tx, schedule, grad_accum_steps: int = 1):
+    """The pure step. Loss = mean MLM cross-entropy over real predictions + mean NSP
+    cross-entropy; with k micro-batches the gradient equals that of the whole batch."""
+    k = grad_accum_steps
+
+    def train_step(state: TrainState, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        # Denominators come from the whole batch, so summing micro-batch gradients is exact.
+        mlm_denominator = jnp.maximum(jnp.sum(batch["masked_lm_weights"]), 1.0)
+        nsp_denominator = float(batch["next_sentence_labels"].shape[0])
+
+        def loss_fn(params, micro, micro_rng):
+            sums = pretraining_sums(model, params, micro, False, micro_rng)
+            loss = sums["mlm_loss_sum"] / mlm_denominator + sums["nsp_loss_sum"] / nsp_denominator
+            return loss, sums
+
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        if k == 1:
+            grads, sums = grad_fn(state.params, batch, rng)
+        else:
+            # Micro-batch i takes rows i, i+k, i+2k, ...: each is spread over the whole batch
+            # axis, so under data parallelism every device keeps working on every micro-batch.
+            micro_batches = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch
+            )
+
+            def accumulate(carry, inputs):
+                i, micro = inputs
+                grads, sums = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+            zero_sums = jax.eval_shape(
+                lambda: pretraining_sums(
+                    model, state.params, jax.tree.map(lambda x: x[0], micro_batches), True
+                )
+            )
+            zeros = jax.tree.map(jnp.zeros_like, (state.params, zero_sums))
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = summarise(sums)
+        metrics["learning_rate"] = schedule(state.step)
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(params)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(model):
+    def eval_step(params, batch):
+        return pretraining_sums(model, params, batch, deterministic=True)
+
+    return eval_step
+
+
+def create_train_state(model, tx, rng, seq_len: int, num_predictions: int) -> TrainState:
+    params = init_params(model, rng, seq_len, num_predictions)
+    return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ------------------------------------------------------------------------------ loop
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    state: TrainState
+    train_metrics: dict[str, float]  # means over the last logging interval
+    eval_metrics: dict[str, float]  # the last evaluation, keys prefixed with eval/
+    wall_time: float
+
+
+def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
+    """Checks everything that can be checked before work starts; returns the model config."""
+    try:
+        model_config = BertConfig.from_dict(config.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    t, d = config.train, config.data
+    require(t.num_steps > 0, "train.num_steps", t.num_steps, "must be positive")
+    require(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
+    require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    require(
+        t.batch_size % t.grad_accum_steps == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}",
+    )
+    require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    require(
+        config.eval.every_steps >= 0,
+        "eval.every_steps",
+        config.eval.every_steps,
+        "must be >= 0 (0 = evaluate only at the end)",
+    )
+    require(
+        d.max_seq_length <= model_config.max_position_embeddings,
+        "data.max_seq_length",
+        d.max_seq_length,
+        f"exceeds model.max_position_embeddings={model_config.max_position_embeddings}",
+    )
+    require(
+        d.max_predictions_per_seq <= d.max_seq_length,
+        "data.max_predictions_per_seq",
+        d.max_predictions_per_seq,
+        "cannot exceed data.max_seq_length",
+    )
+    make_optimizer(t)  # names a bad optimizer or schedule now rather than later
+    return model_config
+
+
+def instance_config(data: ml_collections.ConfigDict, vocab_size: int) -> InstanceConfig:
+    try:
+        return InstanceConfig(
+            max_seq_length=data.max_seq_length,
+            max_predictions_per_seq=data.max_predictions_per_seq,
+            masked_lm_prob=data.masked_lm_prob,
+            short_seq_prob=data.short_seq_prob,
+            random_next_prob=data.random_next_prob,
+            mask_token_prob=data.mask_token_prob,
+            random_token_prob=data.random_token_prob,
+            vocab_size=vocab_size,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
+    totals = None
+    for batch in batches:
+        sums = eval_step(params, batch)
+        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    return {f"eval/{k}": float(v) for k, v in summarise(totals).items()}
+
+
+def _check_finite(step: int, metrics: dict[str, float]) -> None:
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+    if bad:
+        raise FloatingPointError(
+            f"non-finite {' and '.join(bad)} at step {step} ({metrics}); lower "
+            "train.learning_rate, check the data, or use model.dtype=float32"
+        )
+
+
+def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
+    """Pre-trains from scratch as `config` says, writing everything into `workdir`."""
+    jax.config.update("jax_threefry_partitionable", True)
+    model_config = validate_pretrain_config(config)
+    corpus = load_corpus(config.data)
+    require(
+        corpus.vocab_size <= model_config.vocab_size,
+        "model.vocab_size",
+        model_config.vocab_size,
+        f"is smaller than the data's vocabulary ({corpus.vocab_size})",
+    )
+    inst = instance_config(config.data, corpus.vocab_size)
+    t = config.train
+    is_chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+    log.info("data: %s", corpus.description)
+
+    train_batches = PretrainingBatches(
+        corpus.train,
+        inst,
+        t.batch_size,
+        seed=t.seed,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    eval_source = PretrainingBatches(corpus.eval, inst, config.eval.batch_size, seed=t.seed + 1)
+    eval_batches = [eval_source.batch(i) for i in range(config.eval.num_batches)]
+
+    model = BertForPreTraining(model_config)
+    schedule, tx = make_optimizer(t)
+    rng = jax.random.key(t.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+    state = jax.jit(create_train_state, static_argnums=(0, 1, 3, 4))(
+        model, tx, init_rng, inst.max_seq_length, inst.max_predictions_per_seq
+    )
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    log.info(
+        "model: %d layers, hidden %d, %d heads, %.2fM parameters",
+        model_config.num_layers,
+        model_config.hidden_size,
+        model_config.num_heads,
+        num_params / 1e6,
+    )
+
+    train_step = jax.jit(
+        make_train_step(model, tx, schedule, t.grad_accum_steps), donate_argnums=(0,)
+    )
+    eval_step = jax.jit(make_eval_step(model))
+    writer = MetricWriter(workdir, enabled=is_chief)
+    progress = Progress(t.num_steps, enabled=is_chief)
+    tokens_per_batch = t.batch_size * inst.max_seq_length
+
+    start_time = time.perf_counter()
+    interval: list[dict[str, float]] = []
+    interval_start, last_train, last_eval = time.perf_counter(), {}, {}
+    pending = None  # (step, device metrics): fetched one step late so the host never stalls
+
+    def finish(step, device_metrics):
+        nonlocal interval_start, last_train
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        _check_finite(step, metrics)
+        interval.append(metrics)
+        if step % t.log_every == 0 or step == t.num_steps:
+            now = time.perf_counter()
+            mean = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+            mean["seq_per_sec"] = len(interval) * t.batch_size / (now - interval_start)
+            mean["tokens_per_sec"] = len(interval) * tokens_per_batch / (now - interval_start)
+            writer.write(step, mean)
+            progress.log(step, mean)
+            interval.clear()
+            interval_start, last_train = now, mean
+
+    try:
+        batches = prefetch(train_batches.batch, range(t.num_steps), config.data.prefetch)
+        for step0, batch in batches:
+            step = step0 + 1  # the step count once this update is applied
+            state, metrics = train_step(state, batch, dropout_rng)
+            if pending is not None:
+                finish(*pending)
+            pending = (step, metrics)
+            every = config.eval.every_steps
+            if step == t.num_steps or (every and step % every == 0):
+                finish(*pending)
+                pending = None
+                last_eval = evaluate(eval_step, state.params, eval_batches)
+                writer.write(step, last_eval)
+                if is_chief:
+                    log.info(
+                        "eval at step %d: %s",
+                        step,
+                        ", ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()),
+                    )
+                interval_start = time.perf_counter()  # evaluation time is not training speed
+        if pending is not None:
+            finish(*pending)
+    finally:
+        writer.close()
+    wall = time.perf_counter() - start_time
+    if is_chief:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump({"step": t.num_steps, **last_eval, "wall_time_s": wall}, f, indent=2)
+        log.info(
+            "done: %d steps in %.1fs; final eval MLM accuracy %.4f, NSP accuracy %.4f",
+            t.num_steps,
+            wall,
+            last_eval["eval/mlm_accuracy"],
+            last_eval["eval/nsp_accuracy"],
+        )
+    return PretrainResult(
+        state=state, train_metrics=last_train, eval_metrics=last_eval, wall_time=wall
+    )

@@ -1,0 +1,189 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flaxbert.model import BertConfig, BertForPreTraining, BertModel
+
+CFG = BertConfig(
+    vocab_size=97,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=64,
+    hidden_dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+)
+
+
+def _inputs(b=3, length=16, p=4, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, length + 1, size=b)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.int32)
+    ids = rng.integers(5, CFG.vocab_size, size=(b, length)).astype(np.int32) * mask
+    segments = ((np.arange(length)[None] >= lengths[:, None] // 2) * mask).astype(np.int32)
+    positions = np.stack([np.sort(rng.choice(n, size=p, replace=False)) for n in lengths])
+    return dict(
+        input_ids=jnp.asarray(ids),
+        input_mask=jnp.asarray(mask),
+        segment_ids=jnp.asarray(segments),
+        masked_lm_positions=jnp.asarray(positions.astype(np.int32)),
+    )
+
+
+def _init(model, batch):
+    return nn.unbox(model.init(jax.random.key(0), **batch)["params"])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shapes_and_dtypes(dtype):
+    cfg = BertConfig(**{**CFG.__dict__, "dtype": dtype})
+    model = BertForPreTraining(cfg)
+    batch = _inputs()
+    params = _init(model, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))  # params stay float32
+    out = model.apply({"params": params}, **batch)
+    assert out.mlm_logits_BPV.shape == (3, 4, CFG.vocab_size)
+    assert out.nsp_logits_B2.shape == (3, 2)
+    assert out.mlm_logits_BPV.dtype == jnp.dtype(dtype)
+    enc = BertModel(cfg).apply(
+        {"params": params["bert"]}, batch["input_ids"], batch["input_mask"], batch["segment_ids"]
+    )
+    assert enc.sequence_BLD.shape == (3, 16, 32) and enc.pooled_BD.shape == (3, 32)
+    assert np.all(np.abs(np.asarray(enc.pooled_BD, np.float32)) <= 1.0)  # tanh pooler
+
+
+def test_parameter_tree_and_logical_names():
+    model = BertForPreTraining(CFG)
+    boxed = model.init(jax.random.key(0), **_inputs())["params"]
+    specs = nn.get_partition_spec(boxed)
+    layer = specs["bert"]["layer_0"]
+    assert tuple(layer["attention"]["query"]["kernel"]) == ("embed", "heads", "kv")
+    assert tuple(layer["attention"]["output"]["kernel"]) == ("heads", "kv", "embed")
+    assert tuple(layer["intermediate"]["kernel"]) == ("embed", "mlp")
+    assert tuple(layer["output"]["kernel"]) == ("mlp", "embed")
+    assert tuple(specs["bert"]["embeddings"]["word_embeddings"]) == ("vocab", "embed")
+    params = nn.unbox(boxed)
+    assert set(params["bert"]) == {"embeddings", "layer_0", "layer_1", "pooler"}
+    shapes = jax.tree.map(jnp.shape, params)
+    assert shapes["bert"]["layer_1"]["attention"]["key"]["kernel"] == (32, 4, 8)
+    assert shapes["bert"]["layer_1"]["intermediate"]["kernel"] == (32, 64)
+    # Truncated normal(0.02): no value beyond two standard deviations, std close to 0.02.
+    emb = np.asarray(params["bert"]["embeddings"]["word_embeddings"])
+    assert np.abs(emb).max() <= 0.04 + 1e-6 and 0.014 < emb.std() < 0.02
+
+
+def test_padding_does_not_change_real_positions():
+    model = BertModel(CFG)
+    batch = _inputs(b=2, length=12)
+    params = _init(BertForPreTraining(CFG), batch)["bert"]
+    extra = 9
+    padded = {
+        k: jnp.pad(batch[k], ((0, 0), (0, extra)), constant_values=v)
+        for k, v in (("input_ids", 7), ("input_mask", 0), ("segment_ids", 1))
+    }
+    a = model.apply(
+        {"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"]
+    )
+    b = model.apply(
+        {"params": params}, padded["input_ids"], padded["input_mask"], padded["segment_ids"]
+    )
+    real = np.asarray(batch["input_mask"], bool)
+    np.testing.assert_allclose(
+        np.asarray(b.sequence_BLD)[:, :12][real], np.asarray(a.sequence_BLD)[real], atol=1e-5
+    )
+    np.testing.assert_allclose(b.pooled_BD, a.pooled_BD, atol=1e-5)
+    # The padding itself must matter somewhere, or the check above proves nothing.
+    c = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        jnp.ones_like(batch["input_mask"]),
+        batch["segment_ids"],
+    )
+    assert not np.allclose(
+        np.asarray(c.sequence_BLD)[real], np.asarray(a.sequence_BLD)[real], atol=1e-3
+    )
+
+
+def test_gathered_mlm_head_equals_full_logits_gathered():
+    model = BertForPreTraining(CFG)
+    batch = _inputs()
+    params = _init(model, batch)
+    out = model.apply({"params": params}, **batch)
+    full = model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        method=BertForPreTraining.all_position_mlm_logits,
+    )
+    assert full.shape == (3, 16, CFG.vocab_size)
+    gathered = jnp.take_along_axis(full, batch["masked_lm_positions"][..., None], axis=1)
+    np.testing.assert_allclose(out.mlm_logits_BPV, gathered, rtol=1e-5, atol=1e-5)
+
+
+def test_decoder_is_tied_to_word_embeddings():
+    model = BertForPreTraining(CFG)
+    batch = _inputs()
+    params = _init(model, batch)
+    # No separate decoder matrix: the only (V, D) parameter is the word-embedding table.
+    vd = [
+        path
+        for path, x in jax.tree_util.tree_leaves_with_path(params)
+        if x.shape == (CFG.vocab_size, CFG.hidden_size)
+    ]
+    assert len(vd) == 1 and "word_embeddings" in jax.tree_util.keystr(vd[0])
+
+    # A token id that appears nowhere in the input still receives gradient through the
+    # decoder, so the table row is used as an output embedding.
+    unused = int(np.setdiff1d(np.arange(5, CFG.vocab_size), np.asarray(batch["input_ids"]))[0])
+
+    def loss(p):
+        logits = model.apply({"params": p}, **batch).mlm_logits_BPV
+        return logits[..., unused].sum()
+
+    grad = jax.grad(loss)(params)["bert"]["embeddings"]["word_embeddings"]
+    assert np.abs(np.asarray(grad[unused])).sum() > 0
+    # And changing that row changes the logit for that token.
+    table = params["bert"]["embeddings"]["word_embeddings"]
+    changed = jax.tree.map(lambda x: x, params)
+    changed["bert"]["embeddings"]["word_embeddings"] = table.at[unused].add(1.0)
+    before = model.apply({"params": params}, **batch).mlm_logits_BPV[..., unused]
+    after = model.apply({"params": changed}, **batch).mlm_logits_BPV[..., unused]
+    assert not np.allclose(before, after)
+
+
+def test_dropout_is_active_only_when_not_deterministic():
+    cfg = BertConfig(**{**CFG.__dict__, "hidden_dropout_rate": 0.1, "attention_dropout_rate": 0.1})
+    model = BertForPreTraining(cfg)
+    batch = _inputs()
+    params = _init(model, batch)
+    det1 = model.apply({"params": params}, **batch).nsp_logits_B2
+    det2 = model.apply({"params": params}, **batch).nsp_logits_B2
+    np.testing.assert_array_equal(det1, det2)
+    drop = lambda k: (
+        model.apply(
+            {"params": params}, **batch, deterministic=False, rngs={"dropout": jax.random.key(k)}
+        ).nsp_logits_B2
+    )
+    assert not np.allclose(drop(1), drop(2))
+    np.testing.assert_array_equal(drop(3), drop(3))
+
+
+def test_bert_config_validation_names_the_key():
+    with pytest.raises(ValueError, match="model.hidden_size"):
+        BertConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="model.dtype"):
+        BertConfig(dtype="float64")
+    with pytest.raises(ValueError, match="did you mean model.num_layers"):
+        BertConfig.from_dict({"num_layer": 2})
+    with pytest.raises(dataclasses_frozen_error()):
+        CFG.hidden_size = 64
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
