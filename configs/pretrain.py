@@ -30,7 +30,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r}; choose one of {', '.join(VARIANTS)}")
     layers, hidden, heads = VARIANTS[arg]
-    small = arg in ("tiny", "mini")
+    small = arg in ("tiny", "mini")  # sized for a CPU demo on the embedded corpus
     c = ml_collections.ConfigDict()
     c.variant = arg
 
@@ -54,7 +54,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.corpus = ""  # '' = the embedded synthetic corpus
     c.data.synthetic_documents = 5000  # size of the embedded corpus (train split)
     c.data.synthetic_eval_documents = 500  # its held-out split, generated from other seeds
-    c.data.synthetic_topics = 16  # each topic has its own 30 words
+    c.data.synthetic_topics = 4  # each topic has its own 30 words
     c.data.max_seq_length = 128
     c.data.max_predictions_per_seq = 20
     c.data.masked_lm_prob = 0.15
@@ -65,9 +65,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.prefetch = 4  # batches built ahead on a host thread
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_steps = 1500 if small else 100_000
+    c.train.num_steps = 1000 if small else 100_000
     c.train.batch_size = 32 if small else 256  # global batch, over all devices and hosts
-    c.train.learning_rate = 1e-3 if small else 1e-4
+    c.train.learning_rate = {"tiny": 2e-3, "mini": 1e-3}.get(arg, 1e-4)
     c.train.warmup_steps = 100 if small else 10_000
     c.train.lr_decay = "linear"  # linear | polynomial | constant (after warm-up)
     c.train.lr_decay_power = 1.0  # exponent for polynomial decay

@@ -3,9 +3,11 @@ import pytest
 
 from flaxbert.data.pretraining import (
     BATCH_KEYS,
+    FlatCorpus,
     InstanceConfig,
     PretrainingBatches,
-    mask_tokens,
+    _binomial_half,
+    _truncated_lengths,
     prefetch,
 )
 from flaxbert.data.synthetic import VOCAB, VOCAB_SIZE, SyntheticCorpus
@@ -55,28 +57,120 @@ def test_batch_layout_and_special_tokens(corpus):
         assert np.all(batch["masked_lm_ids"][i, :k] >= NUM_SPECIAL)
 
 
-def test_masking_statistics():
-    cfg = InstanceConfig(max_seq_length=512, max_predictions_per_seq=512, vocab_size=1000)
-    rng = np.random.default_rng(0)
-    tokens = rng.integers(NUM_SPECIAL, 1000, size=400).astype(np.int32)
-    maskable = np.ones(400, bool)
-    maskable[:5] = False
-    chosen, kinds = 0, np.zeros(3)
-    for _ in range(300):
-        out, positions, labels = mask_tokens(tokens, maskable, rng, cfg)
-        assert len(positions) == 60 and not np.isin(positions, np.arange(5)).any()
-        np.testing.assert_array_equal(labels, tokens[positions])
-        chosen += len(positions)
+def test_masking_statistics(corpus):
+    cfg = InstanceConfig(max_seq_length=128, max_predictions_per_seq=128, vocab_size=VOCAB_SIZE)
+    chosen = maskable = 0
+    kinds = np.zeros(3)
+    for step in range(20):
+        b = PretrainingBatches(corpus, cfg, 64, seed=0).batch(step)
+        w = b["masked_lm_weights"].astype(bool)
+        ids = np.take_along_axis(b["input_ids"], b["masked_lm_positions"], axis=1)[w]
+        labels = b["masked_lm_ids"][w]
         kinds += [
-            (out[positions] == MASK_ID).sum(),
-            ((out[positions] != MASK_ID) & (out[positions] != labels)).sum(),
-            (out[positions] == labels).sum(),
+            (ids == MASK_ID).sum(),
+            ((ids != MASK_ID) & (ids != labels)).sum(),
+            (ids == labels).sum(),
         ]
-        untouched = np.setdiff1d(np.arange(400), positions)
-        np.testing.assert_array_equal(out[untouched], tokens[untouched])
-    frac = kinds / chosen
-    # A random replacement can draw the original token (1 in 995): counted as "kept".
-    np.testing.assert_allclose(frac, [0.8, 0.1, 0.1], atol=0.015)
+        chosen += w.sum()
+        maskable += b["input_mask"].sum() - 3 * len(w)
+        specials = (
+            np.isin(
+                np.take_along_axis(b["input_ids"], b["masked_lm_positions"], 1),
+                [CLS_ID, SEP_ID, PAD_ID],
+            )
+            & w
+        )
+        assert not specials.any()
+    assert abs(chosen / maskable - 0.15 * 128 / 125) < 0.01  # 15% of all tokens, specials too
+    # A random replacement may draw the original token (1 in 132): counted as "kept".
+    np.testing.assert_allclose(kinds / chosen, [0.8, 0.1, 0.1], atol=0.015)
+
+
+def test_whole_word_masking_takes_whole_words(corpus):
+    # Words: a noun with the function words that follow it ("t0_noun3 , very").
+    word_start = np.array(["_noun" in w or w in ("[CLS]", "[SEP]") for w in VOCAB])
+    cfg = InstanceConfig(max_seq_length=128, max_predictions_per_seq=20, vocab_size=VOCAB_SIZE)
+    batches = PretrainingBatches(
+        corpus, cfg, 32, seed=0, word_start=word_start, whole_word_masking=True
+    )
+    for step in range(5):
+        b = batches.batch(step)
+        for i in range(32):
+            n = b["input_mask"][i].sum()
+            seps = np.flatnonzero(b["input_ids"][i, :n] == SEP_ID)
+            k = int(b["masked_lm_weights"][i].sum())
+            chosen = set(b["masked_lm_positions"][i, :k].tolist())
+            assert 0 < k <= min(20, round(n * 0.15))
+            # Rebuild the original tokens, cut them into words, check each is all-or-nothing.
+            original = b["input_ids"][i, :n].copy()
+            original[b["masked_lm_positions"][i, :k]] = b["masked_lm_ids"][i, :k]
+            word, words = [], []
+            for p in range(1, n):
+                if p in (seps[0], n - 1):
+                    continue
+                if word_start[original[p]] or p in (1, seps[0] + 1):
+                    words.append(word)
+                    word = []
+                word.append(p)
+            words.append(word)
+            for w in words:
+                inside = {p in chosen for p in w}
+                assert len(inside) <= 1, (w, chosen)
+
+
+def test_truncation_matches_the_original_loop():
+    rng = np.random.default_rng(0)
+    la, lb = rng.integers(1, 300, 2000), rng.integers(1, 300, 2000)
+    for t in (13, 125, 509):
+        got_a, got_b = _truncated_lengths(la, lb, t)
+        for x, y, ga, gb in zip(la, lb, got_a, got_b, strict=True):
+            while x + y > t:
+                if x > y:
+                    x -= 1
+                else:
+                    y -= 1
+            assert (x, y) == (ga, gb)
+
+
+def test_front_trim_counts_are_binomial():
+    rng = np.random.default_rng(0)
+    for n in (5, 30, 400):
+        k = _binomial_half(
+            np.full(20000, n), rng.random((20000, 32)) < 0.5, rng.standard_normal(20000)
+        )
+        assert k.min() >= 0 and k.max() <= n
+        assert abs(k.mean() - n / 2) < 0.05 * np.sqrt(n) + 0.02
+        assert abs(k.var() - n / 4) < 0.1 * n / 4
+
+
+def test_random_next_comes_from_another_document(corpus):
+    batches = PretrainingBatches(corpus, INST, 256, seed=0)
+    b = batches.batch(0, with_sources=True)
+    nsp = b["next_sentence_labels"].astype(bool)
+    assert np.all(b["a_document"][nsp] != b["b_document"][nsp])
+    assert np.all(b["a_document"][~nsp] == b["b_document"][~nsp])
+    # A true continuation really is the text after A (trimming may cut A's tail and B's head).
+    flat = batches.corpus
+    find = lambda doc, x: [
+        s for s in range(len(doc) - len(x) + 1) if np.array_equal(doc[s : s + len(x)], x)
+    ]
+    for i in np.flatnonzero(~nsp)[:20]:
+        n = b["input_mask"][i].sum()
+        seps = np.flatnonzero(b["input_ids"][i, :n] == SEP_ID)
+        restored = b["input_ids"][i, :n].copy()
+        k = int(b["masked_lm_weights"][i].sum())
+        restored[b["masked_lm_positions"][i, :k]] = b["masked_lm_ids"][i, :k]
+        a, bb = restored[1 : seps[0]], restored[seps[0] + 1 : n - 1]
+        doc = np.concatenate(flat[b["a_document"][i]])
+        assert any(sb >= sa + len(a) for sa in find(doc, a) for sb in find(doc, bb)), i
+
+
+def test_flat_corpus_round_trip_skips_empty(corpus):
+    docs = [corpus[0], [], [np.zeros(0, np.int32)], corpus[1]]
+    flat = FlatCorpus.from_documents(docs)
+    assert flat.num_documents == 2
+    for got, want in zip(flat[1], corpus[1], strict=True):
+        np.testing.assert_array_equal(got, want)
 
 
 def test_nsp_labels_are_balanced(corpus):
@@ -129,3 +223,37 @@ def test_instance_config_errors_name_the_key():
         InstanceConfig(masked_lm_prob=1.5)
     with pytest.raises(ValueError, match="data.random_token_prob"):
         InstanceConfig(mask_token_prob=0.8, random_token_prob=0.3)
+
+
+def test_static_masking_repeats_instances(corpus):
+    cfg = InstanceConfig(max_seq_length=64, max_predictions_per_seq=10, vocab_size=VOCAB_SIZE)
+    batches = PretrainingBatches(corpus, cfg, 8, seed=0, masking="static", dupe_factor=2)
+    n = batches.num_static
+    assert n == 2 * -(-len(batches.corpus.tokens) // 61)
+    seen = {}
+    steps = (n // 8) + 3  # a little over one pass over the fixed instances
+    for step in range(steps):
+        b = batches.batch(step)
+        for i in range(8):
+            key = b["input_ids"][i].tobytes()
+            seen[key] = seen.get(key, 0) + 1
+    # Past one pass, rows repeat exactly (same pair, same mask); before it, they do not.
+    assert sum(seen.values()) == steps * 8
+    assert len(seen) <= n and max(seen.values()) >= 2
+    # Hosts still split the global batch exactly.
+    parts = [
+        PretrainingBatches(
+            corpus,
+            cfg,
+            8,
+            seed=0,
+            masking="static",
+            dupe_factor=2,
+            process_index=h,
+            process_count=2,
+        ).batch(5)
+        for h in range(2)
+    ]
+    whole = batches.batch(5)
+    for key in BATCH_KEYS:
+        np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])

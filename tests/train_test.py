@@ -150,3 +150,15 @@ def test_gradients_are_clipped_by_global_norm(repo_root, max_norm):
 def test_nonfinite_loss_stops_with_the_step():
     with pytest.raises(FloatingPointError, match="step 7"):
         train._check_finite(7, {"loss": float("nan"), "grad_norm": 1.0})
+
+
+def test_train_step_compiles_once(repo_root):
+    import chex
+
+    _, model, schedule, tx, state = _setup(repo_root)
+    step = jax.jit(
+        chex.assert_max_traces(train.make_train_step(model, tx, schedule), n=1), donate_argnums=(0,)
+    )
+    for i in range(3):
+        state, _ = step(state, _batch(8, step=i), jax.random.key(0))
+    assert int(state.step) == 3

@@ -56,105 +56,62 @@ class InstanceConfig:
             bad("vocab_size", f"must exceed the {NUM_SPECIAL} special tokens")
 
 
-class InstanceMaker:
-    """Makes one masked sentence-pair instance per call from a random-access document list."""
+class FlatCorpus:
+    """Documents as three flat arrays, so pairs are contiguous slices found by binary search.
 
-    def __init__(self, documents: Sequence[Document], config: InstanceConfig):
-        self.documents = documents
-        self.config = config
-        lengths = np.array([len(documents[d]) for d in range(len(documents))], dtype=np.int64)
-        if lengths.sum() == 0:
-            raise ValueError("the corpus holds no sentences: nothing to pre-train on")
-        if np.count_nonzero(lengths) < 2:
-            raise ValueError("the corpus needs at least 2 non-empty documents for NSP pairs")
-        # A chunk starts at a sentence drawn uniformly over the corpus: long documents
-        # contribute in proportion to their text, as in the original sequential recipe.
-        self._doc_starts = np.concatenate([[0], np.cumsum(lengths)])
-        self._num_sentences = int(self._doc_starts[-1])
-
-    def _random_sentence(self, rng: np.random.Generator) -> tuple[int, int]:
-        s = int(rng.integers(self._num_sentences))
-        doc = int(np.searchsorted(self._doc_starts, s, side="right") - 1)
-        return doc, s - int(self._doc_starts[doc])
-
-    def pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-        """Returns (tokens_a, tokens_b, is_random_next) fitting max_seq_length - 3 together."""
-        cfg = self.config
-        max_tokens = cfg.max_seq_length - 3
-        target = max_tokens
-        if rng.random() < cfg.short_seq_prob:
-            target = int(rng.integers(2, max_tokens + 1))
-
-        doc_id, start = self._random_sentence(rng)
-        doc = self.documents[doc_id]
-        chunk, length = [], 0
-        for sentence in doc[start:]:
-            chunk.append(sentence)
-            length += len(sentence)
-            if length >= target:
-                break
-        a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
-        tokens_a = np.concatenate(chunk[:a_end])
-
-        if len(chunk) == 1 or rng.random() < cfg.random_next_prob:
-            is_random = 1
-            for _ in range(10):  # as the original: a few tries to land in another document
-                other_id, other_start = self._random_sentence(rng)
-                if other_id != doc_id:
-                    break
-            other, pieces, need = self.documents[other_id], [], max(1, target - len(tokens_a))
-            for sentence in other[other_start:]:
-                pieces.append(sentence)
-                need -= len(sentence)
-                if need <= 0:
-                    break
-            tokens_b = np.concatenate(pieces)
-        else:
-            is_random = 0
-            tokens_b = np.concatenate(chunk[a_end:])
-        tokens_a, tokens_b = _truncate_pair(tokens_a, tokens_b, max_tokens, rng)
-        return tokens_a, tokens_b, is_random
-
-
-def _truncate_pair(a: np.ndarray, b: np.ndarray, max_tokens: int, rng: np.random.Generator):
-    """Trims the longer segment one token at a time, from its front or back at random."""
-    a_lo, a_hi, b_lo, b_hi = 0, len(a), 0, len(b)
-    while (a_hi - a_lo) + (b_hi - b_lo) > max_tokens:
-        front = rng.random() < 0.5
-        if (a_hi - a_lo) > (b_hi - b_lo):
-            a_lo, a_hi = (a_lo + 1, a_hi) if front else (a_lo, a_hi - 1)
-        else:
-            b_lo, b_hi = (b_lo + 1, b_hi) if front else (b_lo, b_hi - 1)
-    return a[a_lo:a_hi], b[b_lo:b_hi]
-
-
-def mask_tokens(
-    tokens: np.ndarray, maskable: np.ndarray, rng: np.random.Generator, config: InstanceConfig
-):
-    """Dynamic BERT masking: choose ~masked_lm_prob of the maskable positions (at most
-    max_predictions_per_seq), replace 80% with [MASK], 10% with a random token, keep 10%.
-
-    Returns (input_ids, positions, labels): positions sorted ascending.
+    `tokens[sentence_starts[k]:sentence_starts[k + 1]]` is sentence k and
+    `sentence_starts[doc_starts[d]:doc_starts[d + 1] + 1]` bounds document d's sentences.
+    The arrays may be numpy memory maps: nothing is read until a batch needs it.
     """
-    candidates = np.flatnonzero(maskable)
-    num = min(
-        config.max_predictions_per_seq,
-        max(1, int(round(len(tokens) * config.masked_lm_prob))),
-        len(candidates),
-    )
-    positions = np.sort(rng.permutation(candidates)[:num])
-    labels = tokens[positions]
-    out = tokens.copy()
-    r = rng.random(num)
-    to_mask = r < config.mask_token_prob
-    to_random = (r >= config.mask_token_prob) & (
-        r < config.mask_token_prob + config.random_token_prob
-    )
-    out[positions[to_mask]] = MASK_ID
-    out[positions[to_random]] = rng.integers(
-        NUM_SPECIAL, config.vocab_size, size=int(to_random.sum())
-    )
-    return out, positions, labels
+
+    def __init__(self, tokens: np.ndarray, sentence_starts: np.ndarray, doc_starts: np.ndarray):
+        self.tokens = tokens
+        self.sentence_starts = np.asarray(sentence_starts, np.int64)
+        self.doc_starts = np.asarray(doc_starts, np.int64)
+        self.sentence_doc = np.repeat(
+            np.arange(len(self.doc_starts) - 1, dtype=np.int64), np.diff(self.doc_starts)
+        )
+
+    @classmethod
+    def from_documents(cls, documents: Sequence[Document]) -> FlatCorpus:
+        """Flattens documents, leaving out empty sentences and documents with no sentence."""
+        sentences, doc_starts = [], [0]
+        for d in range(len(documents)):
+            kept = [np.asarray(x, np.int32) for x in documents[d] if len(x)]
+            if kept:
+                sentences += kept
+                doc_starts.append(len(sentences))
+        lengths = np.array([len(x) for x in sentences], np.int64)
+        tokens = np.concatenate(sentences) if sentences else np.zeros(0, np.int32)
+        return cls(tokens, np.concatenate([[0], np.cumsum(lengths)]), np.array(doc_starts))
+
+    @property
+    def num_documents(self) -> int:
+        return len(self.doc_starts) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_starts) - 1
+
+    def __len__(self) -> int:
+        return self.num_documents
+
+    def __getitem__(self, d: int) -> list[np.ndarray]:
+        ss = self.sentence_starts
+        return [
+            self.tokens[ss[k] : ss[k + 1]]
+            for k in range(self.doc_starts[d], self.doc_starts[d + 1])
+        ]
+
+
+def _truncated_lengths(la: np.ndarray, lb: np.ndarray, max_tokens: int):
+    """Lengths left by the original rule: drop one token from the longer segment (from B on
+    a tie) until the pair fits. Closed form of that loop, for whole batches at once."""
+    over = la + lb > max_tokens
+    la_new = np.minimum(la, np.maximum((max_tokens + 1) // 2, max_tokens - lb))
+    la_new = np.where(over, la_new, la)
+    lb_new = np.where(over, max_tokens - la_new, lb)
+    return la_new, lb_new
 
 
 BATCH_KEYS = (
@@ -172,73 +129,239 @@ class PretrainingBatches:
     """The pre-training batch at any step, as a pure function of (seed, step).
 
     `batch(step)` gives this host's rows of the global batch: host h of n owns rows
-    [h*B/n, (h+1)*B/n). Feature names are the original BERT ones.
+    [h*B/n, (h+1)*B/n). Feature names are the original BERT ones. All rows of a batch are
+    built together with array operations (no per-example Python), which keeps one CPU core
+    far ahead of an accelerator.
+
+    `word_start[id]` (optional) marks the vocabulary pieces that begin a word; with
+    `whole_word_masking` the chosen positions are then whole words.
     """
 
     def __init__(
         self,
-        documents: Sequence[Document],
+        documents,
         config: InstanceConfig,
         global_batch_size: int,
         seed: int,
         process_index: int = 0,
         process_count: int = 1,
+        word_start: np.ndarray | None = None,
+        whole_word_masking: bool = False,
+        masking: str = "dynamic",
+        dupe_factor: int = 10,
     ):
         if global_batch_size % process_count:
             raise ValueError(
                 f"global batch size {global_batch_size} is not divisible by the "
                 f"{process_count} processes"
             )
-        self.maker = InstanceMaker(documents, config)
+        corpus = (
+            documents if isinstance(documents, FlatCorpus) else FlatCorpus.from_documents(documents)
+        )
+        if corpus.num_sentences == 0:
+            raise ValueError("the corpus holds no sentences: nothing to pre-train on")
+        if corpus.num_documents < 2:
+            raise ValueError("the corpus needs at least 2 non-empty documents for NSP pairs")
+        if whole_word_masking and word_start is None:
+            raise ValueError("whole-word masking needs the tokenizer's word_start table")
+        if masking not in ("dynamic", "static"):
+            raise ValueError(f"config key data.masking={masking!r}: choose dynamic or static")
+        if dupe_factor < 1:
+            raise ValueError(f"config key data.dupe_factor={dupe_factor!r}: must be >= 1")
+        self.corpus = corpus
         self.config = config
         self.seed = seed
+        self.global_batch_size = global_batch_size
         self.local_batch_size = global_batch_size // process_count
         self.first_row = process_index * self.local_batch_size
+        self.word_start = None if word_start is None else np.asarray(word_start, bool)
+        self.whole_word_masking = whole_word_masking
+        self.masking = masking
+        # Static masking, as the original recipe: a fixed set of dupe_factor x (one pass over
+        # the corpus) instances, each with its mask drawn once, visited in a fixed shuffled
+        # order (an affine permutation of the example index, so no table is stored).
+        per_pass = -(-len(corpus.tokens) // (config.max_seq_length - 3))
+        self.num_static = max(1, dupe_factor * per_pass)
+        mult = int(np.random.default_rng([seed, 7]).integers(1, 2**31)) | 1
+        while np.gcd(mult, self.num_static) != 1:
+            mult += 2
+        self._static_mult = mult
 
-    def example(self, step: int, row: int) -> dict[str, np.ndarray]:
-        cfg = self.config
-        rng = np.random.default_rng([self.seed, step, row])
-        tokens_a, tokens_b, is_random = self.maker.pair(rng)
-        la, lb = len(tokens_a), len(tokens_b)
-        n = la + lb + 3
-        tokens = np.empty(n, np.int32)
-        tokens[0], tokens[la + 1], tokens[n - 1] = CLS_ID, SEP_ID, SEP_ID
-        tokens[1 : la + 1], tokens[la + 2 : n - 1] = tokens_a, tokens_b
-        maskable = np.ones(n, bool)
-        maskable[[0, la + 1, n - 1]] = False
-        input_ids, positions, labels = mask_tokens(tokens, maskable, rng, cfg)
-        return dict(
-            input_ids=input_ids,
-            length=n,
-            len_a=la,
-            positions=positions,
-            labels=labels,
-            is_random=is_random,
-        )
-
-    def batch(self, step: int) -> dict[str, np.ndarray]:
-        cfg = self.config
-        b, seq, p = self.local_batch_size, cfg.max_seq_length, cfg.max_predictions_per_seq
-        out = {
-            "input_ids": np.full((b, seq), PAD_ID, np.int32),
-            "input_mask": np.zeros((b, seq), np.int32),
-            "segment_ids": np.zeros((b, seq), np.int32),
-            "masked_lm_positions": np.zeros((b, p), np.int32),
-            "masked_lm_ids": np.zeros((b, p), np.int32),
-            "masked_lm_weights": np.zeros((b, p), np.float32),
-            "next_sentence_labels": np.zeros((b,), np.int32),
+    # The random draws of a step are made for the whole global batch from one generator
+    # seeded by (seed, step): every host draws the same numbers and keeps its own rows.
+    def _draws(self, rng: np.random.Generator, rows: int) -> dict[str, np.ndarray]:
+        cfg, seq = self.config, self.config.max_seq_length
+        return {
+            "short": rng.random(rows) < cfg.short_seq_prob,
+            "short_target": rng.integers(2, seq - 3 + 1, size=rows),
+            "start": rng.integers(self.corpus.num_sentences, size=rows),
+            "split": rng.random(rows),
+            "random_next": rng.random(rows) < cfg.random_next_prob,
+            "other_starts": rng.integers(self.corpus.num_sentences, size=(rows, 10)),
+            "trim_bits": rng.random((rows, 2, 32)) < 0.5,
+            "trim_normal": rng.standard_normal((rows, 2)),
+            "mask_scores": rng.random((rows, seq)),
+            "mask_kind": rng.random((rows, cfg.max_predictions_per_seq)),
+            "random_ids": rng.integers(
+                NUM_SPECIAL, cfg.vocab_size, size=(rows, cfg.max_predictions_per_seq)
+            ),
         }
-        for i in range(b):
-            ex = self.example(step, self.first_row + i)
-            n, k = ex["length"], len(ex["positions"])
-            out["input_ids"][i, :n] = ex["input_ids"]
-            out["input_mask"][i, :n] = 1
-            out["segment_ids"][i, ex["len_a"] + 2 : n] = 1
-            out["masked_lm_positions"][i, :k] = ex["positions"]
-            out["masked_lm_ids"][i, :k] = ex["labels"]
-            out["masked_lm_weights"][i, :k] = 1.0
-            out["next_sentence_labels"][i] = ex["is_random"]
+
+    def batch(self, step: int, with_sources: bool = False) -> dict[str, np.ndarray]:
+        if self.masking == "static":
+            example = (
+                step * self.global_batch_size + self.first_row + np.arange(self.local_batch_size)
+            )
+            instance = (example * self._static_mult) % self.num_static
+            per_row = [
+                self._draws(np.random.default_rng([self.seed, 1, int(k)]), 1) for k in instance
+            ]
+            draws = {k: np.concatenate([d[k] for d in per_row]) for k in per_row[0]}
+            return self._build(draws, with_sources)
+        rng = np.random.default_rng([self.seed, step])
+        draws = self._draws(rng, self.global_batch_size)
+        rows = slice(self.first_row, self.first_row + self.local_batch_size)
+        return self._build({k: v[rows] for k, v in draws.items()}, with_sources)
+
+    def _build(self, d: dict[str, np.ndarray], with_sources: bool) -> dict[str, np.ndarray]:
+        cfg, corpus = self.config, self.corpus
+        ss, sdoc, dstart = corpus.sentence_starts, corpus.sentence_doc, corpus.doc_starts
+        seq, num_pred = cfg.max_seq_length, cfg.max_predictions_per_seq
+        max_tokens = seq - 3
+        rows = len(d["start"])
+        target = np.where(d["short"], d["short_target"], max_tokens)
+
+        # Segment A + true B: consecutive sentences from `start` until `target` tokens are
+        # reached (the sentence that crosses it included) or the document ends.
+        start = d["start"]
+        doc = sdoc[start]
+        doc_end = dstart[doc + 1]
+        chunk_end = np.searchsorted(ss, ss[start] + target, side="left")
+        chunk_end = np.clip(chunk_end, start + 1, doc_end)
+        n_chunk = chunk_end - start
+        a_end = start + 1 + np.floor(d["split"] * np.maximum(n_chunk - 1, 0)).astype(np.int64)
+        a_end = np.minimum(a_end, np.maximum(chunk_end - 1, start + 1))
+        is_random = (n_chunk == 1) | d["random_next"]
+
+        # Random B: the first of ten draws that lands in another document.
+        other = d["other_starts"]
+        elsewhere = sdoc[other] != doc[:, None]
+        pick = np.where(elsewhere.any(1), elsewhere.argmax(1), other.shape[1] - 1)
+        b_start_rand = other[np.arange(rows), pick]
+        la_full = ss[a_end] - ss[start]
+        need = np.maximum(target - la_full, 1)
+        b_end_rand = np.searchsorted(ss, ss[b_start_rand] + need, side="left")
+        b_end_rand = np.clip(b_end_rand, b_start_rand + 1, dstart[sdoc[b_start_rand] + 1])
+
+        a0 = ss[start]
+        b0 = np.where(is_random, ss[b_start_rand], ss[a_end])
+        b1 = np.where(is_random, ss[b_end_rand], ss[chunk_end])
+        la, lb = _truncated_lengths(la_full, b1 - b0, max_tokens)
+        # Each trimmed token came off the front or the back at random: Binomial(trim, 1/2).
+        bits, z = d["trim_bits"], d["trim_normal"]
+        a_front = _binomial_half(la_full - la, bits[:, 0], z[:, 0])
+        b_front = _binomial_half((b1 - b0) - lb, bits[:, 1], z[:, 1])
+        a0, b0 = a0 + a_front, b0 + b_front
+
+        # Lay out [CLS] A [SEP] B [SEP] [PAD]... with one gather from the flat token array.
+        pos = np.arange(seq)[None, :]
+        la_, lb_ = la[:, None], lb[:, None]
+        in_a = (pos >= 1) & (pos <= la_)
+        in_b = (pos >= la_ + 2) & (pos <= la_ + lb_ + 1)
+        length = la + lb + 3
+        src = np.where(in_a, a0[:, None] + pos - 1, np.where(in_b, b0[:, None] + pos - la_ - 2, 0))
+        tokens = np.where(in_a | in_b, corpus.tokens[src], PAD_ID).astype(np.int32)
+        tokens[:, 0] = CLS_ID
+        tokens[np.arange(rows), la + 1] = SEP_ID
+        tokens[np.arange(rows), length - 1] = SEP_ID
+        real = pos < length[:, None]
+
+        positions, count = self._choose_positions(
+            tokens, in_a | in_b, in_a, in_b, length, d["mask_scores"]
+        )
+        valid = np.arange(num_pred)[None, :] < count[:, None]
+        row_idx = np.arange(rows)[:, None]
+        labels = np.where(valid, tokens[row_idx, positions], 0).astype(np.int32)
+        kind = d["mask_kind"]
+        to_mask = valid & (kind < cfg.mask_token_prob)
+        to_random = (
+            valid
+            & (kind >= cfg.mask_token_prob)
+            & (kind < cfg.mask_token_prob + cfg.random_token_prob)
+        )
+        input_ids = tokens.copy()
+        replaced = np.where(to_mask, MASK_ID, np.where(to_random, d["random_ids"], labels))
+        input_ids[row_idx, positions] = np.where(valid, replaced, input_ids[row_idx, positions])
+
+        out = {
+            "input_ids": input_ids,
+            "input_mask": real.astype(np.int32),
+            "segment_ids": (in_b | (real & (pos == length[:, None] - 1))).astype(np.int32),
+            "masked_lm_positions": np.where(valid, positions, 0).astype(np.int32),
+            "masked_lm_ids": labels,
+            "masked_lm_weights": valid.astype(np.float32),
+            "next_sentence_labels": is_random.astype(np.int32),
+        }
+        if with_sources:  # provenance, for tests and debugging
+            out["a_document"] = doc
+            out["b_document"] = sdoc[np.where(is_random, b_start_rand, a_end)]
         return out
+
+    def _choose_positions(self, tokens, maskable, in_a, in_b, length, scores):
+        """Picks ~masked_lm_prob of the maskable positions (at most max_predictions_per_seq),
+        whole words at a time when asked. Returns (positions sorted ascending, count)."""
+        cfg = self.config
+        seq, num_pred = tokens.shape[1], cfg.max_predictions_per_seq
+        rows = tokens.shape[0]
+        pos = np.arange(seq)[None, :]
+        num = np.minimum(
+            np.maximum(1, np.rint(length * cfg.masked_lm_prob)).astype(np.int64), num_pred
+        )
+        num = np.minimum(num, maskable.sum(1))
+        if self.whole_word_masking:
+            # A word starts at a piece marked in word_start, or where a segment starts.
+            la = in_a.sum(1)[:, None]
+            starts = maskable & (self.word_start[tokens] | (pos == 1) | (pos == la + 2))
+        else:
+            starts = maskable
+        start_pos = np.maximum.accumulate(np.where(starts, pos, 0), axis=1)
+        start_pos = np.where(maskable, start_pos, seq)  # specials and padding: no word
+        row_idx = np.arange(rows)[:, None]
+        word_len = np.zeros((rows, seq + 1), np.int64)
+        np.add.at(word_len, (row_idx, start_pos), 1)
+        word_len[:, seq] = 0
+        # Words in random order (non-starts last); each word is taken whole if it still fits
+        # within `num` predictions, else skipped, as in the original recipe.
+        order = np.argsort(np.where(starts, scores, 2.0), axis=1)
+        lens = np.take_along_axis(word_len, order, axis=1)
+        if self.whole_word_masking:
+            take = np.zeros(lens.shape, bool)
+            total = np.zeros(rows, np.int64)
+            for j in range(seq):
+                lj = lens[:, j]
+                if not lj.any():
+                    break
+                take[:, j] = (lj > 0) & (total + lj <= num)
+                total += take[:, j] * lj
+        else:  # every word is one token: the first `num` in random order
+            take = (np.cumsum(lens, axis=1) <= num[:, None]) & (lens > 0)
+        taken_start = np.zeros((rows, seq + 1), bool)
+        np.put_along_axis(taken_start[:, :seq], order, take, axis=1)
+        chosen = taken_start[row_idx, start_pos] & maskable
+        count = chosen.sum(1)
+        positions = np.argsort(~chosen, axis=1, kind="stable")[:, :num_pred]
+        return positions, count
+
+
+def _binomial_half(n: np.ndarray, bits: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Binomial(n, 1/2) per row: exact from coin flips `bits` while n <= bits.shape[1],
+    else the normal approximation from standard normals `z` (excellent at that size)."""
+    n = np.asarray(n, np.int64)
+    width = bits.shape[1]
+    flips = np.concatenate([np.zeros((len(n), 1), np.int64), np.cumsum(bits, axis=1)], axis=1)
+    exact = flips[np.arange(len(n)), np.minimum(n, width)]
+    approx = np.clip(np.rint(n / 2 + z * np.sqrt(n) / 2), 0, n).astype(np.int64)
+    return np.where(n <= width, exact, approx)
 
 
 def prefetch(make_batch, steps: range, buffer_size: int = 4) -> Iterator[tuple[int, dict]]:
