@@ -21,10 +21,10 @@ from flaxbert.data.pretraining import FlatCorpus, InstanceConfig, PretrainingBat
 
 def load(prepared: str | None):
     if prepared:
-        from flaxbert.data.sources import prepared_flat_corpus
+        from flaxbert.data.sources import load_prepared_corpus
 
-        corpus, vocab_size, word_start = prepared_flat_corpus(prepared, "train")
-        return corpus, vocab_size, word_start, f"prepared dataset {prepared}"
+        c = load_prepared_corpus(prepared)
+        return c.train, c.vocab_size, c.word_start, f"prepared dataset {prepared}"
     from flaxbert.data.synthetic import SyntheticCorpus
 
     synthetic = SyntheticCorpus(5000, seed=0, num_topics=4)

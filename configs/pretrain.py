@@ -13,6 +13,8 @@ Expect: `tiny` on the embedded synthetic corpus (the default, `data.corpus=''`) 
 about EXPECT_MINUTES on a 2-core CPU and ends near EXPECT_ACCURACY (measured 2026-11-25).
 """
 
+import os
+
 import ml_collections
 
 # name: (layers, hidden, heads)
@@ -26,9 +28,23 @@ VARIANTS = {
 }
 
 
+# corpus=NAME in the argument: the shared corpora beside the repository (../shared/data).
+_SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+CORPORA = {
+    "ko": os.path.join(_SHARED, "corpus", "ko_nsmc_reviews.txt"),
+    "en": os.path.join(_SHARED, "corpus", "en_gutenberg.txt"),
+}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+    """`VARIANT[,corpus=ko|en|PATH]`, e.g. `tiny` or `mini,corpus=ko`."""
+    arg, *options = arg.split(",")
+    extra = dict(o.split("=", 1) for o in options if "=" in o)
     if arg not in VARIANTS:
         raise ValueError(f"unknown variant {arg!r}; choose one of {', '.join(VARIANTS)}")
+    unknown = set(extra) - {"corpus"} or {o for o in options if "=" not in o}
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(sorted(unknown))}; only corpus=NAME")
     layers, hidden, heads = VARIANTS[arg]
     small = arg in ("tiny", "mini")  # sized for a CPU demo on the embedded corpus
     c = ml_collections.ConfigDict()
@@ -51,7 +67,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # '' = best available; 'xla' | 'cudnn' to force one
 
     c.data = ml_collections.ConfigDict()
-    c.data.corpus = ""  # '' = the embedded synthetic corpus
+    # '' = the embedded synthetic corpus; else a text file or glob (BERT format: a sentence or
+    # paragraph per line, blank line between documents), a .jsonl file, tfds:NAME[:SPLIT],
+    # or a directory written by `flaxbert prepare`.
+    c.data.corpus = ""
+    c.data.tokenizer = ""  # SentencePiece .model; trained on first use if it does not exist
+    c.data.vocab_size = 8000  # pieces of a tokenizer trained on first use
+    c.data.tokenizer_model_type = "unigram"  # unigram | bpe
+    c.data.cache_dir = ""  # tokenizer + prepared data of raw corpora; '' = WORKDIR/data
+    c.data.validation_fraction = 0.01  # documents held out for evaluation
+    c.data.text_field = "text"  # JSONL / TFDS text feature
+    c.data.errors = "strict"  # strict | replace: undecodable bytes stop the run or become U+FFFD
     c.data.synthetic_documents = 5000  # size of the embedded corpus (train split)
     c.data.synthetic_eval_documents = 500  # its held-out split, generated from other seeds
     c.data.synthetic_topics = 4  # each topic has its own 30 words
@@ -62,6 +88,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.random_next_prob = 0.5
     c.data.mask_token_prob = 0.8
     c.data.random_token_prob = 0.1
+    c.data.whole_word_masking = False  # mask all pieces of a word together
+    c.data.masking = "dynamic"  # dynamic (fresh masks every step) | static (original recipe)
+    c.data.dupe_factor = 10  # static masking: masked copies of each instance
     c.data.prefetch = 4  # batches built ahead on a host thread
 
     c.train = ml_collections.ConfigDict()
@@ -96,6 +125,18 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000 if small else 10_000
     c.checkpoint.keep = 3
+
+    if "corpus" in extra:
+        # Real text: the tokenizer is trained and the corpus prepared on first use, cached in
+        # runs/cache so that every run on the same corpus shares them.
+        c.data.corpus = CORPORA.get(extra["corpus"], extra["corpus"])
+        c.data.cache_dir = "runs/cache"
+        c.model.vocab_size = c.data.vocab_size
+        if extra["corpus"] == "en":  # 39 books: hold out 4 of them
+            c.data.validation_fraction = 0.1
+        c.train.num_steps = 100_000
+        c.eval.every_steps = 1000
+        c.checkpoint.every_steps = 1000
 
     c.lock()
     return c

@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded synthetic corpus.",
     )
     _config_args(p)
+    # Data commands: their modules define their own flags and handlers.
+    from flaxbert.data.prepare import add_prepare_parser, run_prepare
+    from flaxbert.tokenizer import add_train_tokenizer_parser, run_train_tokenizer
+
+    add_train_tokenizer_parser(commands).set_defaults(func=run_train_tokenizer)
+    add_prepare_parser(commands).set_defaults(func=run_prepare)
     return parser
 
 

@@ -1,8 +1,21 @@
-"""Special tokens at the fixed ids every flaxbert vocabulary uses.
+"""Special tokens at the fixed ids every flaxbert vocabulary uses, and the SentencePiece
+tokenizer: training (`flaxbert train-tokenizer`), loading with checks, encoding.
 
 SentencePiece models trained by `flaxbert train-tokenizer` put these pieces at these ids;
 the embedded synthetic corpus uses the same ids, so data, model and heads agree.
 """
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
 
 PAD_ID = 0
 UNK_ID = 1
@@ -11,3 +24,363 @@ SEP_ID = 3
 MASK_ID = 4
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 NUM_SPECIAL = len(SPECIAL_TOKENS)
+
+MODEL_TYPES = ("unigram", "bpe")
+NUM_BYTE_PIECES = 256  # byte_fallback adds <0x00>..<0xFF> after the special tokens
+WORD_BOUNDARY = "▁"  # U+2581, SentencePiece's marker of a preceding space
+
+log = logging.getLogger("flaxbert")
+
+
+class _ProgressSentences:
+    """The sentences of the inputs, one at a time, for SentencePiece's `sentence_iterator`.
+
+    Logs how far it got every `every_s` seconds. An error raised while reading would reach
+    Python only as SentencePiece's RuntimeError text, so it is kept and re-raised as it was.
+    """
+
+    def __init__(self, inputs: Sequence[str], errors: str, text_field: str, every_s: float):
+        from flaxbert.data.text import ReadStats
+
+        self.inputs, self.errors, self.text_field, self.every_s = (
+            inputs,
+            errors,
+            text_field,
+            every_s,
+        )
+        self.stats = ReadStats()
+        self.sentences = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        from flaxbert.data.text import iter_corpus_documents
+
+        start = last = time.monotonic()
+        try:
+            for spec in self.inputs:
+                for doc in iter_corpus_documents(
+                    spec, text_field=self.text_field, errors=self.errors, stats=self.stats
+                ):
+                    for sentence in doc:
+                        self.sentences += 1
+                        yield sentence
+                    now = time.monotonic()
+                    if now - last >= self.every_s:
+                        last = now
+                        log.info(
+                            "train-tokenizer: read %s lines, %s sentences (%.0f s)",
+                            f"{self.stats.lines:,}",
+                            f"{self.sentences:,}",
+                            now - start,
+                        )
+        except BaseException as e:
+            self.error = e
+            raise
+        log.info("train-tokenizer: read %s", self.stats.summary())
+
+
+def train_tokenizer(
+    inputs: list[str],
+    vocab_size: int,
+    output_prefix: str,
+    model_type: str = "unigram",
+    max_sentences: int = 2_000_000,
+    character_coverage: float = 0.9995,
+    seed: int = 0,
+    num_threads: int | None = None,
+    *,
+    errors: str = "strict",
+    text_field: str = "text",
+    verbose: bool = False,
+) -> str:
+    """Trains a SentencePiece model on corpus specs and returns the path of `PREFIX.model`.
+
+    `inputs` are specs for `flaxbert.data.text.iter_corpus_documents` (text files, globs,
+    JSONL, `tfds:NAME[:SPLIT]`), read sentence by sentence exactly as data preparation reads
+    them. At most `max_sentences` sentences, sampled uniformly over the whole input, are kept
+    for training. The pieces [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0-4, [CLS]/[SEP]/[MASK]
+    as control symbols (raw text never produces them); byte fallback means no character is
+    ever unknown; text is NFKC-normalised. Writes PREFIX.model and PREFIX.vocab.
+    """
+    import sentencepiece as spm
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(
+            f"model_type={model_type!r} (--model-type): must be one of {', '.join(MODEL_TYPES)}"
+        )
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not inputs:
+        raise ValueError("no input given to train the tokenizer on (--input)")
+    min_vocab = NUM_SPECIAL + NUM_BYTE_PIECES + 1
+    if vocab_size < min_vocab:
+        raise ValueError(
+            f"vocab_size={vocab_size} (--vocab-size): must be at least {min_vocab}: "
+            f"{NUM_SPECIAL} special tokens and {NUM_BYTE_PIECES} byte pieces come first"
+        )
+    if max_sentences < 1:
+        raise ValueError(f"max_sentences={max_sentences} (--max-sentences): must be positive")
+    if not 0.0 < character_coverage <= 1.0:
+        raise ValueError(
+            f"character_coverage={character_coverage} (--character-coverage): must be in (0, 1]"
+        )
+    out_dir = os.path.dirname(os.path.abspath(output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+
+    sentences = _ProgressSentences(inputs, errors, text_field, every_s=10.0)
+    spm.set_random_generator_seed(seed)
+    log.info(
+        "train-tokenizer: %s model, %d pieces, from %s (sampling at most %s sentences)",
+        model_type,
+        vocab_size,
+        ", ".join(inputs),
+        f"{max_sentences:,}",
+    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences),
+            model_prefix=output_prefix,
+            model_type=model_type,
+            vocab_size=vocab_size,
+            character_coverage=character_coverage,
+            normalization_rule_name="nmt_nfkc",
+            byte_fallback=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece=SPECIAL_TOKENS[PAD_ID],
+            unk_piece=SPECIAL_TOKENS[UNK_ID],
+            control_symbols=list(SPECIAL_TOKENS[CLS_ID:]),
+            input_sentence_size=max_sentences,  # reservoir sample over every sentence read
+            shuffle_input_sentence=True,
+            # Sentences over max_sentence_length (4192 bytes) are skipped: after splitting,
+            # none of the shared corpora has one (longest: 2771 bytes).
+            num_threads=num_threads or os.cpu_count() or 1,
+            minloglevel=0 if verbose else 1,
+        )
+    except RuntimeError as e:
+        if sentences.error is not None:  # the reader failed: its own error says where
+            raise sentences.error from None
+        if sentences.sentences == 0:
+            raise ValueError(
+                f"no text to train the tokenizer on in {', '.join(map(repr, inputs))}"
+            ) from None
+        raise RuntimeError(
+            f"SentencePiece could not train a {vocab_size}-piece {model_type} model on "
+            f"{sentences.sentences:,} sentences of {', '.join(inputs)}: {e}"
+        ) from None
+    if sentences.error is not None:
+        raise sentences.error
+    path = output_prefix + ".model"
+    log.info("train-tokenizer: wrote %s and %s.vocab", path, output_prefix)
+    return path
+
+
+class Tokenizer:
+    """A SentencePiece model whose special pieces sit at flaxbert's fixed ids."""
+
+    def __init__(self, processor, path: str | None = None):
+        self.processor = processor
+        self.path = path
+        self._word_start: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        import sentencepiece as spm
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no SentencePiece model at {path!r}")
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.Load(path)
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+        problems = []
+        size = processor.get_piece_size()
+        for expected, piece in enumerate(SPECIAL_TOKENS):
+            actual = processor.piece_to_id(piece)
+            if processor.id_to_piece(actual) != piece:  # piece_to_id gives unk_id when missing
+                problems.append(f"{piece} should have id {expected} but is missing")
+            elif actual != expected:
+                problems.append(f"{piece} should have id {expected} but has id {actual}")
+            elif expected >= CLS_ID and not processor.is_control(actual):
+                problems.append(
+                    f"{piece} (id {actual}) should be a control symbol, so that raw text "
+                    "cannot produce it"
+                )
+        if problems:
+            found = ", ".join(f"{i}={processor.id_to_piece(i)}" for i in range(min(size, 8)))
+            raise ValueError(
+                f"{path}: the special tokens are not at flaxbert's fixed ids: "
+                + "; ".join(problems)
+                + f" (the model starts {found}). Retrain it with `flaxbert train-tokenizer`."
+            )
+        return cls(processor, path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.get_piece_size()
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.processor.encode(text, out_type=int), dtype=np.int32)
+
+    def encode_batch(
+        self, texts: Sequence[str], num_threads: int | None = None
+    ) -> list[np.ndarray]:
+        """Encodes many texts at once, on SentencePiece's own threads (default: all cores)."""
+        ids = self.processor.encode(
+            list(texts), out_type=int, num_threads=num_threads or os.cpu_count() or 1
+        )
+        return [np.asarray(x, dtype=np.int32) for x in ids]
+
+    def decode(self, ids) -> str:
+        return self.processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+
+    def id_to_piece(self, i: int) -> str:
+        return self.processor.id_to_piece(int(i))
+
+    @property
+    def word_start(self) -> np.ndarray:
+        """bool[vocab_size]: True where a piece starts a word, for whole-word masking.
+
+        A word is a piece starting with "▁" (a space precedes it; SentencePiece also puts one
+        before the first piece of a text) followed by its continuation pieces. Special
+        tokens start a word. Byte pieces (<0xE3>) never do: byte fallback spells a character
+        missing from the vocabulary as 1-4 byte pieces, which must stay together with each
+        other and with the "▁" or word piece before them. A sentence whose first piece is a
+        byte piece is possible only without the dummy prefix; `word_starts(ids)` covers it by
+        always starting a word at position 0.
+        """
+        if self._word_start is None:
+            p = self.processor
+            starts = np.zeros(self.vocab_size, dtype=bool)
+            for i in range(self.vocab_size):
+                if p.is_byte(i):
+                    continue
+                starts[i] = (
+                    p.is_control(i)
+                    or p.is_unknown(i)
+                    or p.is_unused(i)
+                    or p.id_to_piece(i).startswith(WORD_BOUNDARY)
+                )
+            self._word_start = starts
+        return self._word_start
+
+    def word_starts(self, ids) -> np.ndarray:
+        """bool per position of one sentence's ids: True where a word begins."""
+        ids = np.asarray(ids, dtype=np.int64)
+        starts = self.word_start[ids]
+        if len(starts):
+            starts[0] = True
+        return starts
+
+
+def tokens_per_character(tokenizer: Tokenizer, texts: Iterable[str]) -> float:
+    """Pieces per character of text (spaces count as characters), over all `texts` together:
+    about 0.2-0.3 for English and 0.4-0.7 for Korean with a good vocabulary; near 1 or above
+    means text is falling apart into characters or bytes."""
+    texts = list(texts)
+    characters = sum(len(t) for t in texts)
+    if characters == 0:
+        raise ValueError("tokens_per_character needs some text: all texts are empty")
+    return sum(len(x) for x in tokenizer.encode_batch(texts)) / characters
+
+
+def _first_sentences(inputs: Sequence[str], n: int, errors: str, text_field: str) -> list[str]:
+    from flaxbert.data.text import iter_corpus_documents
+
+    def sentences():
+        for spec in inputs:
+            for doc in iter_corpus_documents(spec, text_field=text_field, errors=errors):
+                yield from doc
+
+    return list(itertools.islice(sentences(), n))
+
+
+def add_train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds `train-tokenizer` to a `flaxbert` sub-command parser; its handler is `func`."""
+    p = subparsers.add_parser(
+        "train-tokenizer",
+        help="train a SentencePiece vocabulary with the BERT special tokens",
+        description="Train a SentencePiece model on raw text. [PAD] [UNK] [CLS] [SEP] [MASK] "
+        "get ids 0-4, byte fallback keeps every character, text is NFKC-normalised. Writes "
+        "PREFIX.model and PREFIX.vocab, then reports tokens per character on the input.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="SPEC",
+        help="corpus: text files in the BERT format (one sentence or paragraph per line, "
+        "a blank line between documents), globs such as 'data/*.txt', .jsonl files, or "
+        "tfds:NAME[:SPLIT] for a TFDS dataset",
+    )
+    p.add_argument(
+        "--vocab-size", type=int, required=True, metavar="N", help="number of pieces, e.g. 32000"
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="PREFIX",
+        help="output path prefix: writes PREFIX.model and PREFIX.vocab",
+    )
+    p.add_argument(
+        "--model-type",
+        choices=MODEL_TYPES,
+        default="unigram",
+        help="SentencePiece algorithm (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-sentences",
+        type=int,
+        default=2_000_000,
+        metavar="N",
+        help="train on at most N sentences sampled uniformly from the whole input "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--character-coverage",
+        type=float,
+        default=0.9995,
+        metavar="X",
+        help="share of characters covered by pieces of their own; the rarest become byte "
+        "pieces (default: %(default)s; 1.0 for small alphabets)",
+    )
+    from flaxbert.data import text
+
+    text.add_text_input_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="show SentencePiece's own log")
+    p.set_defaults(func=run_train_tokenizer)
+    return p
+
+
+def run_train_tokenizer(args: argparse.Namespace) -> int:
+    """Trains as the flags say, then prints vocabulary size, model path and tokens/character."""
+    errors = getattr(args, "errors", "strict")
+    text_field = getattr(args, "text_field", "text")
+    try:
+        path = train_tokenizer(
+            args.input,
+            args.vocab_size,
+            args.output,
+            model_type=getattr(args, "model_type", "unigram"),
+            max_sentences=getattr(args, "max_sentences", 2_000_000),
+            character_coverage=getattr(args, "character_coverage", 0.9995),
+            seed=getattr(args, "seed", 0),
+            errors=errors,
+            text_field=text_field,
+            verbose=getattr(args, "verbose", False),
+        )
+        tokenizer = Tokenizer.load(path)
+        sample = _first_sentences(args.input, 2000, errors, text_field)
+        ratio = tokens_per_character(tokenizer, sample)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"flaxbert train-tokenizer: error: {e}", file=sys.stderr)
+        return 2
+    print(f"vocab size: {tokenizer.vocab_size}")
+    print(f"model: {path}")
+    print(f"tokens per character: {ratio:.3f} (first {len(sample):,} sentences of the input)")
+    return 0

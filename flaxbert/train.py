@@ -308,14 +308,27 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
     """Pre-trains from scratch as `config` says, writing everything into `workdir`."""
     jax.config.update("jax_threefry_partitionable", True)
     model_config = validate_pretrain_config(config)
-    corpus = load_corpus(config.data)
+    d = config.data
     require(
-        corpus.vocab_size <= model_config.vocab_size,
-        "model.vocab_size",
-        model_config.vocab_size,
-        f"is smaller than the data's vocabulary ({corpus.vocab_size})",
+        d.masking in ("dynamic", "static"), "data.masking", d.masking, "choose dynamic or static"
     )
-    inst = instance_config(config.data, corpus.vocab_size)
+    corpus = load_corpus(d, workdir)
+    if corpus.exact_vocab:
+        require(
+            corpus.vocab_size == model_config.vocab_size,
+            "model.vocab_size",
+            model_config.vocab_size,
+            f"does not match the tokenizer {corpus.tokenizer_path} ({corpus.vocab_size} "
+            f"pieces); set --config.model.vocab_size={corpus.vocab_size}",
+        )
+    else:
+        require(
+            corpus.vocab_size <= model_config.vocab_size,
+            "model.vocab_size",
+            model_config.vocab_size,
+            f"is smaller than the data's vocabulary ({corpus.vocab_size})",
+        )
+    inst = instance_config(d, corpus.vocab_size)
     t = config.train
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
@@ -324,6 +337,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
             f.write(config.to_json_best_effort(indent=2) + "\n")
     log.info("data: %s", corpus.description)
 
+    masking = dict(word_start=corpus.word_start, whole_word_masking=d.whole_word_masking)
     train_batches = PretrainingBatches(
         corpus.train,
         inst,
@@ -331,8 +345,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
         seed=t.seed,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        masking=d.masking,
+        dupe_factor=d.dupe_factor,
+        **masking,
     )
-    eval_source = PretrainingBatches(corpus.eval, inst, config.eval.batch_size, seed=t.seed + 1)
+    eval_source = PretrainingBatches(
+        corpus.eval, inst, config.eval.batch_size, seed=t.seed + 1, **masking
+    )
     eval_batches = [eval_source.batch(i) for i in range(config.eval.num_batches)]
 
     model = BertForPreTraining(model_config)

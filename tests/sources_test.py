@@ -1,0 +1,93 @@
+"""Pre-training on real text end to end: tokenizer on first use -> prepare -> pretrain."""
+
+import itertools
+import json
+import logging
+
+import pytest
+
+from flaxbert.config import ConfigError, load_config
+from flaxbert.train import pretrain
+
+SEQ = 64
+
+
+def _slice(repo_root, tmp_path, name, lines):
+    src = repo_root.parent / "shared" / "data" / "corpus" / name
+    if not src.exists():
+        pytest.skip(f"shared corpus {src} is absent (../shared/data beside the repository)")
+    out = tmp_path / name
+    with open(src, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
+        g.writelines(itertools.islice(f, lines))
+    return out
+
+
+def _config(repo_root, corpus, cache, vocab, *extra):
+    return load_config(
+        f"{repo_root / 'configs/pretrain.py'}:tiny",
+        [
+            f"--config.data.corpus={corpus}",
+            f"--config.data.cache_dir={cache}",
+            f"--config.data.vocab_size={vocab}",
+            f"--config.model.vocab_size={vocab}",
+            f"--config.data.max_seq_length={SEQ}",
+            "--config.data.max_predictions_per_seq=10",
+            "--config.data.validation_fraction=0.1",
+            "--config.train.num_steps=6",
+            "--config.train.batch_size=8",
+            "--config.train.log_every=3",
+            "--config.eval.every_steps=0",
+            "--config.eval.num_batches=1",
+            "--config.eval.batch_size=8",
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    "name,lines,vocab", [("ko_nsmc_reviews.txt", 4000, 2000), ("en_gutenberg.txt", 1500, 1000)]
+)
+def test_pretrain_on_a_shared_corpus_slice(repo_root, tmp_path, caplog, name, lines, vocab):
+    corpus = _slice(repo_root, tmp_path, name, lines)
+    cache = tmp_path / "cache"
+    if name.startswith("en"):  # a slice holds one or two books: make documents smaller
+        text = corpus.read_text(encoding="utf-8").splitlines()
+        corpus.write_text(
+            "\n".join(line + ("\n" if i % 40 == 39 else "") for i, line in enumerate(text)) + "\n",
+            encoding="utf-8",
+        )
+    caplog.set_level(logging.INFO)
+    config = _config(repo_root, corpus, cache, vocab, "--config.data.whole_word_masking=True")
+    result = pretrain(config, str(tmp_path / "run"))
+    assert result.eval_metrics["eval/mlm_accuracy"] >= 0.0
+    assert list(cache.glob("*.model")) and list(cache.glob("*-prepared-*/COMPLETE"))
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6]
+
+    # A second run reuses the tokenizer and the prepared data.
+    caplog.clear()
+    pretrain(config, str(tmp_path / "run2"))
+    assert "training a" not in caplog.text and "reus" in caplog.text.lower()
+
+
+def test_vocab_mismatch_stops_before_training(repo_root, tmp_path):
+    corpus = _slice(repo_root, tmp_path, "ko_nsmc_reviews.txt", 2000)
+    config = _config(repo_root, corpus, tmp_path / "cache", 2000, "--config.model.vocab_size=2100")
+    with pytest.raises(ConfigError, match=r"model\.vocab_size=2100.*2000 pieces"):
+        pretrain(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_tokenizer_with_other_special_ids_is_refused(repo_root, tmp_path):
+    import sentencepiece as spm
+
+    corpus = _slice(repo_root, tmp_path, "en_gutenberg.txt", 300)
+    prefix = tmp_path / "wrong"
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(prefix), vocab_size=300, model_type="unigram"
+    )  # default ids: <unk>=0 <s>=1 </s>=2
+    config = _config(
+        repo_root, corpus, tmp_path / "cache", 300, f"--config.data.tokenizer={prefix}.model"
+    )
+    with pytest.raises(Exception, match=r"\[PAD\]"):
+        pretrain(config, str(tmp_path / "run"))
