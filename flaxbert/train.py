@@ -410,6 +410,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
             if step == t.num_steps or (every and step % every == 0):
                 finish(*pending)
                 pending = None
+                eval_start = time.perf_counter()
                 last_eval = evaluate(eval_step, state.params, eval_batches)
                 writer.write(step, last_eval)
                 if is_chief:
@@ -418,7 +419,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
                         step,
                         ", ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()),
                     )
-                interval_start = time.perf_counter()  # evaluation time is not training speed
+                # Evaluation time does not count against training speed.
+                interval_start += time.perf_counter() - eval_start
         if pending is not None:
             finish(*pending)
     finally:

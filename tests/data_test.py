@@ -257,3 +257,13 @@ def test_static_masking_repeats_instances(corpus):
     whole = batches.batch(5)
     for key in BATCH_KEYS:
         np.testing.assert_array_equal(np.concatenate([p[key] for p in parts]), whole[key])
+
+
+def test_resuming_at_a_step_gives_the_uninterrupted_batches(corpus):
+    batches = PretrainingBatches(corpus, INST, 8, seed=0)
+    straight = dict(prefetch(batches.batch, range(0, 12)))
+    # A fresh loader (as after a restart) started at step 7 needs nothing but 7.
+    resumed = dict(prefetch(PretrainingBatches(corpus, INST, 8, seed=0).batch, range(7, 12)))
+    for step in range(7, 12):
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(resumed[step][key], straight[step][key])
