@@ -10,7 +10,9 @@ and the BERT paper: tiny (L2 H128 A2), mini (L4 H256 A4), small (L4 H512 A8),
 medium (L8 H512 A8), base (L12 H768 A12), large (L24 H1024 A16); intermediate size 4H.
 
 Expect: `tiny` on the embedded synthetic corpus (the default, `data.corpus=''`) takes
-about EXPECT_MINUTES on a 2-core CPU and ends near EXPECT_ACCURACY (measured 2026-11-25).
+5-7.5 minutes on a 2-core CPU and ends with held-out MLM accuracy ~0.57 and NSP accuracy
+~0.89 (measured 2026-11-25). `mini,corpus=ko` / `mini,corpus=en` for 750 steps (~25 min on
+that CPU) reach MLM 0.11 / 0.14 and NSP 0.47 / 0.54: real text needs far longer runs.
 """
 
 import os
@@ -117,10 +119,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.eval.batch_size = 64
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.strategy = "pjit"  # pjit | pmap
+    c.parallel.strategy = "pjit"  # pjit (jit over a data/fsdp/tensor mesh) | pmap
     c.parallel.data = -1  # mesh axis sizes; -1 takes the remaining devices
-    c.parallel.fsdp = 1
-    c.parallel.tensor = 1
+    c.parallel.fsdp = 1  # shards parameters + optimizer state (and the batch)
+    c.parallel.tensor = 1  # Megatron-style: splits heads, feed-forward units, vocabulary
+    # Logical axis -> mesh axes, by precedence, e.g. 'batch=data+fsdp,heads=tensor,mlp=tensor,
+    # vocab=tensor,embed=fsdp' (the default, flaxbert.sharding.DEFAULT_RULES, when empty).
+    c.parallel.rules = ""
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 1000 if small else 10_000

@@ -43,6 +43,18 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _distributed_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "multi-process",
+        "Run the same command in every process. Without these flags the values come from "
+        "FLAXBERT_COORDINATOR / FLAXBERT_NUM_PROCESSES / FLAXBERT_PROCESS_ID (set by "
+        "launch/local.sh), or from a SLURM, Open MPI or Cloud TPU job JAX detects.",
+    )
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0")
+    g.add_argument("--num-processes", type=int, metavar="N", help="processes in the job")
+    g.add_argument("--process-id", type=int, metavar="I", help="this process, 0..N-1")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="flaxbert", description="Pre-train BERT and fine-tune it, in JAX/Flax."
@@ -55,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
         "embedded synthetic corpus.",
     )
     _config_args(p)
+    _distributed_args(p)
+    p = commands.add_parser(
+        "compile",
+        help="compile the train step for the configured mesh and print per-device memory",
+        description="Memory preflight: lower and compile the pre-training step for the "
+        "configured mesh (parallel.*) on abstract inputs, without data or training, and "
+        "print XLA's per-device memory (arguments, outputs, temporaries, code) and FLOPs. "
+        "Writes WORKDIR/compile.json.",
+    )
+    _config_args(p)
+    _distributed_args(p)
     # Data commands: their modules define their own flags and handlers.
     from flaxbert.data.prepare import add_prepare_parser, run_prepare
     from flaxbert.tokenizer import add_train_tokenizer_parser, run_train_tokenizer
@@ -71,12 +94,26 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True
     )
+    if getattr(args, "func", None) is not None:  # data commands: their own handlers
+        return args.func(args)
     try:
         config = load_config(args.config, overrides)
+        if args.command in ("pretrain", "compile"):
+            from flaxbert import distributed  # JAX loads only once the flags are fine
+
+            try:
+                spec = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+            except distributed.DistributedError as e:
+                raise ConfigError(str(e)) from None
+            distributed.initialize(spec)
         if args.command == "pretrain":
-            from flaxbert.train import pretrain  # JAX loads only once the flags are fine
+            from flaxbert.train import pretrain
 
             pretrain(config, args.workdir)
+        elif args.command == "compile":
+            from flaxbert.preflight import preflight
+
+            preflight(config, args.workdir)
     except ConfigError as e:
         print(f"flaxbert {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -85,14 +85,28 @@ class BertConfig:
         return cls(**dict(values))
 
 
+class _LogicallyPartitioned(nn.LogicallyPartitioned):
+    """Flax's DenseGeneral unboxes its kernel and bias while still flat (a (D, N*H) kernel
+    named ('embed', 'heads', 'kv')) to reshape them, also in the shape check of every
+    `apply`; under a mesh the constraint would reject that rank. That unbox goes unconstrained
+    (the reshaped parameter is then constrained as usual)."""
+
+    def unbox(self, apply_constraint=True):
+        if jnp.ndim(self.value) != len(self.names):
+            return self.value
+        return super().unbox(apply_constraint)
+
+
+def _partitioned(init, names: tuple[str | None, ...]):
+    return lambda *args, **kw: _LogicallyPartitioned(init(*args, **kw), names)
+
+
 def _dense_init(config: BertConfig, names: tuple[str | None, ...]):
-    return nn.with_logical_partitioning(
-        nn.initializers.truncated_normal(stddev=config.initializer_range), names
-    )
+    return _partitioned(nn.initializers.truncated_normal(stddev=config.initializer_range), names)
 
 
 def _zeros(names):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+    return _partitioned(nn.initializers.zeros_init(), names)
 
 
 def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
@@ -101,7 +115,7 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
         epsilon=config.layer_norm_eps,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        scale_init=_partitioned(nn.initializers.ones_init(), ("embed",)),
         bias_init=_zeros(("embed",)),
         name=name,
     )
@@ -147,18 +161,24 @@ class Embeddings(nn.Module):
         self.layer_norm = _layer_norm(cfg, "layer_norm")
         self.dropout = nn.Dropout(cfg.hidden_dropout_rate)
 
+    def _table(self, table, name: str):
+        # Gathered over the model axis before the lookup (as fsdp does with every weight):
+        # looking rows up in a table split along `embed` gives activations split along `embed`,
+        # which the partitioner can only move onto the batch axis by replicating them.
+        return nn.with_logical_constraint(table, (name, None))
+
     def __call__(self, input_ids_BL, segment_ids_BL, position_ids_BL, deterministic: bool):
         x_BLD = (
-            jnp.take(self.word_embeddings, input_ids_BL, axis=0)
-            + jnp.take(self.position_embeddings, position_ids_BL, axis=0)
-            + jnp.take(self.segment_embeddings, segment_ids_BL, axis=0)
+            jnp.take(self._table(self.word_embeddings, "vocab"), input_ids_BL, axis=0)
+            + jnp.take(self._table(self.position_embeddings, "positions"), position_ids_BL, axis=0)
+            + jnp.take(self._table(self.segment_embeddings, "segments"), segment_ids_BL, axis=0)
         )
         x_BLD = self.layer_norm(x_BLD)
         return self.dropout(x_BLD, deterministic=deterministic).astype(self.config.dtype)
 
     def attend(self, x_BPD):
         """Logits against the word-embedding matrix: the decoder is tied to the input table."""
-        table_VD = self.word_embeddings.astype(self.config.dtype)
+        table_VD = self._table(self.word_embeddings, "vocab").astype(self.config.dtype)
         return jnp.einsum("bpd,vd->bpv", x_BPD, table_VD)
 
 

@@ -1,13 +1,15 @@
 """TrainState, optimizer, the pure pre-training train/eval steps, and the pre-training loop.
 
 `train_step(state, batch, rng) -> (state, metrics)` is one pure function; the loop compiles
-it with `jax.jit` and donates the state. Dropout randomness is `fold_in(rng, step)` inside
-the step, so the same (seed, step) always draws the same masks.
+it through the strategy `config.parallel` names (`flaxbert.sharding`: `jax.jit` over a
+data/fsdp/tensor mesh, or `jax.pmap`) and donates the state. Dropout randomness is
+`fold_in(rng, step)` inside the step, so the same (seed, step) always draws the same masks.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -28,6 +30,7 @@ from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches, prefet
 from flaxbert.data.sources import load_corpus
 from flaxbert.model import BertConfig, BertForPreTraining
 from flaxbert.monitor import MetricWriter, Progress
+from flaxbert.sharding import Parallel, make_parallel
 
 log = logging.getLogger("flaxbert")
 
@@ -159,16 +162,26 @@ def summarise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 # ------------------------------------------------------------------------------ steps
 
 
-def make_train_step(model, tx, schedule, grad_accum_steps: int = 1):
+def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: str | None = None):
     """The pure step. Loss = mean MLM cross-entropy over real predictions + mean NSP
-    cross-entropy; with k micro-batches the gradient equals that of the whole batch."""
+    cross-entropy; with k micro-batches the gradient equals that of the whole batch.
+
+    With `axis_name` (under `jax.pmap`) each device holds a slice of the global batch: the
+    denominators are the global counts and the per-device gradients and sums are summed over
+    the axis, so the step gives the single-device numbers (the psum of gradients of
+    sum/global-count is the pmean of per-device gradients of n * that)."""
     k = grad_accum_steps
+
+    def global_sum(x):
+        return x if axis_name is None else jax.lax.psum(x, axis_name)
 
     def train_step(state: TrainState, batch, rng):
         rng = jax.random.fold_in(rng, state.step)
+        if axis_name is not None:  # each replica draws its own dropout masks
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         # Denominators come from the whole batch, so summing micro-batch gradients is exact.
-        mlm_denominator = jnp.maximum(jnp.sum(batch["masked_lm_weights"]), 1.0)
-        nsp_denominator = float(batch["next_sentence_labels"].shape[0])
+        mlm_denominator = jnp.maximum(global_sum(jnp.sum(batch["masked_lm_weights"])), 1.0)
+        nsp_denominator = global_sum(jnp.float32(batch["next_sentence_labels"].shape[0]))
 
         def loss_fn(params, micro, micro_rng):
             sums = pretraining_sums(model, params, micro, False, micro_rng)
@@ -198,6 +211,7 @@ def make_train_step(model, tx, schedule, grad_accum_steps: int = 1):
             zeros = jax.tree.map(jnp.zeros_like, (state.params, zero_sums))
             (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
 
+        grads, sums = global_sum((grads, sums))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = summarise(sums)
@@ -219,6 +233,107 @@ def make_eval_step(model):
 def create_train_state(model, tx, rng, seq_len: int, num_predictions: int) -> TrainState:
     params = init_params(model, rng, seq_len, num_predictions)
     return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def logical_param_specs(model, seq_len: int, num_predictions: int):
+    """The parameters' logical axis names (a tree of PartitionSpecs), computing nothing."""
+    batch = dummy_batch(1, seq_len, num_predictions)
+    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), **batch)["params"])
+    return nn.get_partition_spec(boxed)
+
+
+def logical_dims(config: BertConfig) -> dict[str, int]:
+    """Size of each logical axis of the model, so the rules never ask for an uneven split."""
+    return {
+        "vocab": config.vocab_size,
+        "embed": config.hidden_size,
+        "embed_out": config.hidden_size,
+        "positions": config.max_position_embeddings,
+        "segments": config.type_vocab_size,
+        "heads": config.num_heads,
+        "kv": config.head_dim,
+        "mlp": config.intermediate_size,
+        "classes": 2,
+    }
+
+
+@dataclasses.dataclass
+class TrainingSetup:
+    """Everything the loop (and the memory preflight) compiles, built from one config."""
+
+    model: BertForPreTraining
+    schedule: optax.Schedule
+    tx: optax.GradientTransformation
+    parallel: Parallel
+    init_fn: Any  # rng -> TrainState
+    logical_specs: Any  # the parameters' logical axis names
+    train_step_fn: Any  # the pure step, before compilation
+    eval_step_fn: Any
+    seq_len: int
+    num_predictions: int
+
+    def create_state(self, rng) -> TrainState:
+        return self.parallel.create_state(
+            self.init_fn, self.logical_specs, self.parallel.put_replicated(rng)
+        )
+
+    def abstract_state(self) -> TrainState:
+        return self.parallel.abstract_state(self.init_fn, self.logical_specs, jax.random.key(0))
+
+    def compile_train_step(self, state):
+        return self.parallel.train_step(self.train_step_fn, state)
+
+    def compile_eval_step(self, state):
+        return self.parallel.eval_step(self.eval_step_fn, state)
+
+
+def parallel_from_config(config: ml_collections.ConfigDict, model_config: BertConfig) -> Parallel:
+    """The strategy `config.parallel` names, checked against the model and the batch sizes."""
+    return make_parallel(
+        config.parallel,
+        logical_dims(model_config),
+        config.train.batch_size,
+        config.eval.batch_size,
+        config.train.grad_accum_steps,
+    )
+
+
+def setup_training(
+    config: ml_collections.ConfigDict, model_config: BertConfig, parallel: Parallel | None = None
+) -> TrainingSetup:
+    t, d = config.train, config.data
+    parallel = parallel or parallel_from_config(config, model_config)
+    model = BertForPreTraining(model_config)
+    schedule, tx = make_optimizer(t)
+    seq, pred = d.max_seq_length, d.max_predictions_per_seq
+    return TrainingSetup(
+        model=model,
+        schedule=schedule,
+        tx=tx,
+        parallel=parallel,
+        init_fn=functools.partial(create_train_state, model, tx, seq_len=seq, num_predictions=pred),
+        logical_specs=logical_param_specs(model, seq, pred),
+        train_step_fn=make_train_step(
+            model, tx, schedule, t.grad_accum_steps, axis_name=parallel.axis_name
+        ),
+        eval_step_fn=make_eval_step(model),
+        seq_len=seq,
+        num_predictions=pred,
+    )
+
+
+def batch_shapes(batch_size: int, seq_len: int, num_predictions: int):
+    """ShapeDtypeStructs of a global pre-training batch, for compiling without data."""
+    i32 = jnp.int32
+    return {
+        "input_ids": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
+        "input_mask": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
+        "segment_ids": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
+        "masked_lm_positions": jax.ShapeDtypeStruct((batch_size, num_predictions), i32),
+        "masked_lm_ids": jax.ShapeDtypeStruct((batch_size, num_predictions), i32),
+        "masked_lm_weights": jax.ShapeDtypeStruct((batch_size, num_predictions), jnp.float32),
+        "next_sentence_labels": jax.ShapeDtypeStruct((batch_size,), i32),
+    }
 
 
 # ------------------------------------------------------------------------------ loop
@@ -304,10 +419,18 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
         )
 
 
-def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
-    """Pre-trains from scratch as `config` says, writing everything into `workdir`."""
+def pretrain(
+    config: ml_collections.ConfigDict, workdir: str, parallel: Parallel | None = None
+) -> PretrainResult:
+    """Pre-trains from scratch as `config` says, writing everything into `workdir`.
+
+    `parallel` (a `flaxbert.sharding` strategy) overrides the one `config.parallel` names.
+    """
+    # Random bits independent of the sharding: the same dropout masks on any mesh.
     jax.config.update("jax_threefry_partitionable", True)
     model_config = validate_pretrain_config(config)
+    # A bad mesh or batch split stops the run before the data are read.
+    parallel = parallel or parallel_from_config(config, model_config)
     d = config.data
     require(
         d.masking in ("dynamic", "static"), "data.masking", d.masking, "choose dynamic or static"
@@ -337,14 +460,21 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
             f.write(config.to_json_best_effort(indent=2) + "\n")
     log.info("data: %s", corpus.description)
 
+    setup = setup_training(config, model_config, parallel)
+    parallel = setup.parallel
+    log.info("parallel: %s", parallel.description)
+
+    # Each process builds only the rows of the global batch that its devices hold.
+    train_rows = parallel.local_rows(t.batch_size)
+    loader_index, loader_count = train_rows.loader_shard
     masking = dict(word_start=corpus.word_start, whole_word_masking=d.whole_word_masking)
     train_batches = PretrainingBatches(
         corpus.train,
         inst,
         t.batch_size,
         seed=t.seed,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
+        process_index=loader_index,
+        process_count=loader_count,
         masking=d.masking,
         dupe_factor=d.dupe_factor,
         **masking,
@@ -352,16 +482,17 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
     eval_source = PretrainingBatches(
         corpus.eval, inst, config.eval.batch_size, seed=t.seed + 1, **masking
     )
-    eval_batches = [eval_source.batch(i) for i in range(config.eval.num_batches)]
+    eval_rows = parallel.local_rows(config.eval.batch_size)
+    eval_batches = [
+        {k: v[eval_rows.start : eval_rows.stop] for k, v in eval_source.batch(i).items()}
+        for i in range(config.eval.num_batches)
+    ]
 
-    model = BertForPreTraining(model_config)
-    schedule, tx = make_optimizer(t)
     rng = jax.random.key(t.seed)
     init_rng, dropout_rng = jax.random.split(rng)
-    state = jax.jit(create_train_state, static_argnums=(0, 1, 3, 4))(
-        model, tx, init_rng, inst.max_seq_length, inst.max_predictions_per_seq
-    )
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    state = setup.create_state(init_rng)
+    dropout_rng = parallel.put_replicated(dropout_rng)
+    num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(setup.init_fn, rng).params))
     log.info(
         "model: %d layers, hidden %d, %d heads, %.2fM parameters",
         model_config.num_layers,
@@ -370,10 +501,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
         num_params / 1e6,
     )
 
-    train_step = jax.jit(
-        make_train_step(model, tx, schedule, t.grad_accum_steps), donate_argnums=(0,)
-    )
-    eval_step = jax.jit(make_eval_step(model))
+    train_step = setup.compile_train_step(state)
+    eval_step = setup.compile_eval_step(state)
     writer = MetricWriter(workdir, enabled=is_chief)
     progress = Progress(t.num_steps, enabled=is_chief)
     tokens_per_batch = t.batch_size * inst.max_seq_length
@@ -385,7 +514,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
 
     def finish(step, device_metrics):
         nonlocal interval_start, last_train
-        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        metrics = parallel.fetch(device_metrics)
         _check_finite(step, metrics)
         interval.append(metrics)
         if step % t.log_every == 0 or step == t.num_steps:
@@ -402,7 +531,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
         batches = prefetch(train_batches.batch, range(t.num_steps), config.data.prefetch)
         for step0, batch in batches:
             step = step0 + 1  # the step count once this update is applied
-            state, metrics = train_step(state, batch, dropout_rng)
+            state, metrics = train_step(state, parallel.put_batch(batch), dropout_rng)
             if pending is not None:
                 finish(*pending)
             pending = (step, metrics)
@@ -437,5 +566,8 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> PretrainResult:
             last_eval["eval/nsp_accuracy"],
         )
     return PretrainResult(
-        state=state, train_metrics=last_train, eval_metrics=last_eval, wall_time=wall
+        state=parallel.unreplicate(state),
+        train_metrics=last_train,
+        eval_metrics=last_eval,
+        wall_time=wall,
     )

@@ -1,0 +1,509 @@
+"""Device mesh, logical-axis rules, and the two ways to run the one train step on many devices.
+
+`make_parallel(config.parallel, ...)` returns a strategy object that `flaxbert.train` uses
+without knowing which one it holds:
+
+- `PjitParallel` (`parallel.strategy='pjit'`, the default): a `Mesh` with axes
+  `data`, `fsdp`, `tensor`; parameters, optimizer state and activations are laid out by
+  the logical axis names of `flaxbert.model` and the rules table below; the step is
+  `jax.jit` with explicit in/out shardings. The state is created sharded: the init runs
+  under `jax.jit(..., out_shardings=...)`, so no device ever holds the whole model.
+- `PmapParallel` (`parallel.strategy='pmap'`): classic data parallelism, one replica of the
+  state per device, the step under `jax.pmap` summing gradients and loss terms over an
+  axis name.
+
+Both feed each process its own rows of the global batch (`local_rows`), so a multi-host
+job reads only what its devices use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxbert.config import ConfigError
+
+log = logging.getLogger("flaxbert")
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes, in order of precedence (a mesh axis is used at most once per
+# array, so for activations 'batch' takes fsdp before 'embed' can). Megatron-style tensor
+# parallelism splits attention heads, the feed-forward hidden units and the vocabulary;
+# fsdp splits every weight matrix along its model (embed) dimension and the batch with it.
+DEFAULT_RULES = "batch=data+fsdp,heads=tensor,mlp=tensor,vocab=tensor,embed=fsdp"
+
+# Every logical name the model uses; the others are replicated unless a rule names them.
+LOGICAL_AXES = (
+    "batch",
+    "length",
+    "vocab",
+    "embed",
+    "positions",
+    "segments",
+    "heads",
+    "kv",
+    "mlp",
+    "embed_out",
+    "classes",
+)
+
+Rules = tuple[tuple[str, tuple[str, ...] | None], ...]
+
+
+def parse_rules(text: str) -> Rules:
+    """`'batch=data+fsdp,heads=tensor,length='` -> (('batch', ('data', 'fsdp')), ...)."""
+    text = text or DEFAULT_RULES
+    rules, seen = [], set()
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, eq, axes = (s.strip() for s in item.partition("="))
+        axes_t = tuple(a.strip() for a in axes.split("+") if a.strip())
+        bad = [a for a in axes_t if a not in MESH_AXES]
+        if not eq or name not in LOGICAL_AXES or bad or name in seen:
+            why = (
+                f"duplicate rule for {name!r}"
+                if name in seen
+                else f"unknown mesh axis {bad[0]!r} (mesh axes: {', '.join(MESH_AXES)})"
+                if bad
+                else f"unknown logical axis {name!r} (known: {', '.join(LOGICAL_AXES)})"
+                if eq
+                else "each rule is LOGICAL=MESH_AXIS[+MESH_AXIS...]"
+            )
+            raise ConfigError(f"config key parallel.rules={text!r}: bad rule {item!r}: {why}")
+        seen.add(name)
+        rules.append((name, axes_t or None))
+    return tuple(rules)
+
+
+def format_rules(rules: Rules) -> str:
+    return ",".join(f"{name}={'+'.join(axes or ())}" for name, axes in rules)
+
+
+def mesh_shape(parallel, num_devices: int) -> dict[str, int]:
+    """Sizes of the data, fsdp and tensor axes from `parallel.*`; one may be -1 (the rest)."""
+    sizes = {axis: int(parallel[axis]) for axis in MESH_AXES}
+    given = ", ".join(f"parallel.{a}={s}" for a, s in sizes.items())
+    fix = (
+        f"make their product {num_devices}, or set one of them to -1 to take the remaining devices"
+    )
+    if any(s == 0 or s < -1 for s in sizes.values()):
+        raise ConfigError(f"config keys {given}: sizes must be positive or -1; {fix}")
+    free = [a for a, s in sizes.items() if s == -1]
+    if len(free) > 1:
+        raise ConfigError(f"config keys {given}: at most one of them may be -1")
+    fixed = math.prod(s for s in sizes.values() if s != -1)
+    if free:
+        if num_devices % fixed:
+            raise ConfigError(
+                f"config keys {given}: {num_devices} devices are not divisible by the "
+                f"product {fixed} of the fixed sizes; {fix}"
+            )
+        sizes[free[0]] = num_devices // fixed
+    elif fixed != num_devices:
+        raise ConfigError(
+            f"config keys {given}: the mesh would have {fixed} devices but there are "
+            f"{num_devices}; {fix}"
+        )
+    return sizes
+
+
+def make_mesh(parallel, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The (data, fsdp, tensor) mesh over all devices (of every process), GSPMD style."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(parallel, len(devices))
+    return jax.make_mesh(
+        tuple(shape[a] for a in MESH_AXES),
+        MESH_AXES,
+        axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+        devices=devices,
+    )
+
+
+def fit_rules(rules: Rules, mesh: Mesh, dims: Mapping[str, int]) -> Rules:
+    """Drops the mesh axes a dimension cannot be split over evenly (e.g. 12 heads over a
+    tensor axis of 8), so that one rules table serves every model size; says what it dropped.
+    `dims` gives the size of each logical axis (the batch is checked elsewhere)."""
+    fitted = []
+    for name, axes in rules:
+        if axes and name in dims:
+            kept, parts = [], 1
+            for axis in axes:
+                if dims[name] % (parts * mesh.shape[axis]) == 0:
+                    kept.append(axis)
+                    parts *= mesh.shape[axis]
+                else:
+                    log.warning(
+                        "sharding: %s (size %d) is not divisible by mesh axis %s (size %d); "
+                        "it is not split over that axis",
+                        name,
+                        dims[name],
+                        axis,
+                        mesh.shape[axis],
+                    )
+            axes = tuple(kept) or None
+        fitted.append((name, axes))
+    return tuple(fitted)
+
+
+def mesh_axes_of(logical: str, rules: Rules) -> tuple[str, ...]:
+    return next((axes or () for name, axes in rules if name == logical), ())
+
+
+def logical_shardings(logical_specs, mesh: Mesh, rules: Rules):
+    """A tree of logical PartitionSpecs (`nn.get_partition_spec`) -> NamedShardings."""
+    return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def _path_key(path) -> tuple[str, ...]:
+    return tuple(str(k) for k in path)
+
+
+def mirror_shardings(tree, params, param_shardings, default):
+    """Shardings for a tree (an optimizer state) whose leaves mirror parameters: a leaf whose
+    path ends with a parameter's path and has its shape gets its sharding (Adam's mu and nu,
+    for instance); any other leaf (step counts, scalars) gets `default`."""
+    by_path = {
+        _path_key(path): (np.shape(leaf), sharding)
+        for (path, leaf), sharding in zip(
+            jax.tree_util.tree_leaves_with_path(params),
+            jax.tree.leaves(param_shardings),
+            strict=True,
+        )
+    }
+
+    def pick(path, leaf):
+        key = _path_key(path)
+        for i in range(len(key)):
+            hit = by_path.get(key[i:])
+            if hit is not None and hit[0] == np.shape(leaf):
+                return hit[1]
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowBlock:
+    """The rows of a global batch one process feeds: [start, stop)."""
+
+    start: int
+    stop: int
+    global_size: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def loader_shard(self) -> tuple[int, int]:
+        """(process_index, process_count) for `PretrainingBatches`, which owns the block
+        [i * B / n, (i + 1) * B / n); replicas (e.g. a tensor axis across hosts) share one."""
+        return self.start // self.size, self.global_size // self.size
+
+
+def process_rows(sharding: jax.sharding.Sharding, global_size: int) -> RowBlock:
+    """The contiguous block of batch rows that this process's devices hold under `sharding`."""
+    index_map = sharding.addressable_devices_indices_map((global_size,))
+    starts = sorted({idx[0].indices(global_size)[:2] for idx in index_map.values()})
+    start, stop = starts[0][0], starts[-1][1]
+    covered = sum(b - a for a, b in starts)
+    if covered != stop - start:
+        raise NotImplementedError(
+            f"this process's devices hold rows {starts} of the batch, not one contiguous "
+            "block; order the mesh devices by process"
+        )
+    return RowBlock(start, stop, global_size)
+
+
+# ---------------------------------------------------------------------------- strategies
+
+
+@dataclasses.dataclass
+class Step:
+    """A compiled step, called within the context (mesh and rules) it was traced under."""
+
+    fn: Any  # the jitted / pmapped function
+    context: Callable[[], contextlib.AbstractContextManager]
+
+    def __call__(self, *args):
+        with self.context():
+            return self.fn(*args)
+
+    def lower(self, *args):
+        with self.context():
+            return self.fn.lower(*args)
+
+
+class Parallel:
+    """What `flaxbert.train` needs from a strategy; see the two implementations below."""
+
+    name: str
+    axis_name: str | None  # for the collectives inside the step (pmap only)
+    num_devices: int
+    batch_shards: int  # the batch axis is split this many ways
+    description: str
+
+    def local_rows(self, global_size: int) -> RowBlock:
+        raise NotImplementedError
+
+    def create_state(self, init_fn, logical_specs, rng):
+        """`init_fn(rng) -> TrainState`, placed as the strategy wants."""
+        raise NotImplementedError
+
+    def abstract_state(self, init_fn, logical_specs, rng):
+        """ShapeDtypeStructs (with shardings) of `create_state`, computing nothing."""
+        raise NotImplementedError
+
+    def put_batch(self, host_batch: Mapping[str, np.ndarray]):
+        """This process's rows (numpy) -> the batch as the step takes it."""
+        raise NotImplementedError
+
+    def put_replicated(self, x):
+        """A host value (the same on every process), e.g. an RNG key, placed on all devices."""
+        return x
+
+    def abstract_batch(self, shapes: Mapping[str, jax.ShapeDtypeStruct]):
+        raise NotImplementedError
+
+    def train_step(self, fn, state_example) -> Step:
+        raise NotImplementedError
+
+    def eval_step(self, fn, state_example) -> Callable:
+        """`fn(params, batch) -> sums` -> `(params, host_batch) -> global sums`."""
+        raise NotImplementedError
+
+    def fetch(self, metrics) -> dict[str, float]:
+        """Device metrics -> host floats (the same on every process)."""
+        return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+    def unreplicate(self, state):
+        """The state as one copy (pmap keeps one per device)."""
+        return state
+
+
+def _check_batch(name, size, shards, micro: int = 1, key="train.batch_size"):
+    if size % (shards * micro):
+        extra = f" x train.grad_accum_steps={micro}" if micro > 1 else ""
+        raise ConfigError(
+            f"config key {key}={size}: must be divisible by the {shards} ways the batch is "
+            f"split under parallel.strategy={name}{extra}"
+        )
+
+
+class PjitParallel(Parallel):
+    name = "pjit"
+    axis_name = None
+
+    def __init__(self, mesh: Mesh, rules: Rules):
+        self.mesh = mesh
+        self.rules = rules
+        self.num_devices = mesh.size
+        self.batch_axes = mesh_axes_of("batch", rules)
+        self.batch_shards = math.prod(mesh.shape[a] for a in self.batch_axes)
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(self.batch_axes or None))
+        shape = " x ".join(f"{a}={mesh.shape[a]}" for a in MESH_AXES)
+        self.description = f"pjit over a {shape} mesh, rules {format_rules(rules)}"
+
+    @contextlib.contextmanager
+    def context(self):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            yield
+
+    def local_rows(self, global_size: int) -> RowBlock:
+        return process_rows(self.batch_sharding, global_size)
+
+    def state_shardings(self, abstract_state, logical_specs):
+        param_shardings = logical_shardings(logical_specs, self.mesh, self.rules)
+        return abstract_state.replace(
+            step=self.replicated,
+            params=param_shardings,
+            opt_state=mirror_shardings(
+                abstract_state.opt_state,
+                abstract_state.params,
+                param_shardings,
+                self.replicated,
+            ),
+        )
+
+    def create_state(self, init_fn, logical_specs, rng):
+        shardings = self.state_shardings(jax.eval_shape(init_fn, rng), logical_specs)
+        # Initialised in place, each device computing only its own shards.
+        return jax.jit(init_fn, out_shardings=shardings)(rng)
+
+    def abstract_state(self, init_fn, logical_specs, rng):
+        abstract = jax.eval_shape(init_fn, rng)
+        shardings = self.state_shardings(abstract, logical_specs)
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings
+        )
+
+    def put_batch(self, host_batch):
+        # The global shape is inferred: this process's rows are its devices' block.
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+            for k, v in host_batch.items()
+        }
+
+    def put_replicated(self, x):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            data = self.put_replicated(jax.random.key_data(x))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(self.replicated, x, x.shape)
+
+    def abstract_batch(self, shapes):
+        return {
+            k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_sharding)
+            for k, v in shapes.items()
+        }
+
+    def _shardings_of(self, state_example):
+        return jax.tree.map(lambda x: x.sharding, state_example)
+
+    def train_step(self, fn, state_example) -> Step:
+        state_shardings = self._shardings_of(state_example)
+        jitted = jax.jit(
+            fn,
+            in_shardings=(state_shardings, self.batch_sharding, self.replicated),
+            out_shardings=(state_shardings, self.replicated),
+            donate_argnums=(0,),
+        )
+        return Step(jitted, self.context)
+
+    def eval_step(self, fn, state_example):
+        params_shardings = self._shardings_of(state_example.params)
+        step = Step(
+            jax.jit(
+                fn,
+                in_shardings=(params_shardings, self.batch_sharding),
+                out_shardings=self.replicated,
+            ),
+            self.context,
+        )
+        return lambda params, host_batch: step(params, self.put_batch(host_batch))
+
+
+class PmapParallel(Parallel):
+    name = "pmap"
+    axis_name = "batch"
+
+    def __init__(self):
+        self.local_devices = jax.local_devices()
+        self.num_devices = jax.device_count()
+        self.batch_shards = self.num_devices
+        # One replica per local device, stacked on a leading axis, as pmap takes it. The mesh
+        # axis is named as pmap names its outputs' one, so that a step's outputs, fed back
+        # in, have the inputs' sharding and the step is not traced again.
+        self.stacked = NamedSharding(
+            Mesh(np.array(self.local_devices), (self.axis_name,)), PartitionSpec(self.axis_name)
+        )
+        self.description = f"pmap data parallelism over {self.num_devices} devices"
+
+    def local_rows(self, global_size: int) -> RowBlock:
+        size = global_size // jax.process_count()
+        start = jax.process_index() * size
+        return RowBlock(start, start + size, global_size)
+
+    def _replicate(self, init_fn):
+        n = len(self.local_devices)
+        return lambda rng: jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), init_fn(rng))
+
+    def create_state(self, init_fn, logical_specs, rng):
+        return jax.jit(self._replicate(init_fn), out_shardings=self.stacked)(rng)
+
+    def abstract_state(self, init_fn, logical_specs, rng):
+        abstract = jax.eval_shape(self._replicate(init_fn), rng)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.stacked), abstract
+        )
+
+    def _split(self, x):
+        n = len(self.local_devices)
+        return np.asarray(x).reshape(n, np.shape(x)[0] // n, *np.shape(x)[1:])
+
+    def put_batch(self, host_batch):
+        return {k: jax.device_put(self._split(v), self.stacked) for k, v in host_batch.items()}
+
+    def abstract_batch(self, shapes):
+        n = len(self.local_devices)
+        per_process = jax.process_count()
+        return {
+            k: jax.ShapeDtypeStruct(
+                (n, v.shape[0] // per_process // n, *v.shape[1:]), v.dtype, sharding=self.stacked
+            )
+            for k, v in shapes.items()
+        }
+
+    def train_step(self, fn, state_example) -> Step:
+        pmapped = jax.pmap(fn, axis_name=self.axis_name, in_axes=(0, 0, None), donate_argnums=(0,))
+        return Step(pmapped, contextlib.nullcontext)
+
+    def eval_step(self, fn, state_example):
+        def global_sums(params, batch):
+            return jax.lax.psum(fn(params, batch), self.axis_name)
+
+        pmapped = jax.pmap(global_sums, axis_name=self.axis_name)
+
+        def run(params, host_batch):
+            sums = pmapped(params, self.put_batch(host_batch))
+            return jax.tree.map(lambda x: x[0], sums)
+
+        return run
+
+    def fetch(self, metrics) -> dict[str, float]:
+        return {k: float(np.asarray(v)[0]) for k, v in jax.device_get(metrics).items()}
+
+    def unreplicate(self, state):
+        return jax.tree.map(lambda x: x[0], state)
+
+
+def make_parallel(
+    parallel,
+    dims: Mapping[str, int],
+    batch_size: int,
+    eval_batch_size: int | None = None,
+    grad_accum_steps: int = 1,
+    devices: Sequence[jax.Device] | None = None,
+) -> Parallel:
+    """The strategy `parallel.strategy` names, checked against the model and batch sizes.
+
+    `dims` maps logical axis names to the model's sizes (`heads`, `mlp`, `vocab`, `embed`),
+    so the rules never ask for an uneven split.
+    """
+    if parallel.strategy == "pmap":
+        total = jax.device_count()
+        if parallel.fsdp not in (1, -1) or parallel.tensor not in (1, -1):
+            raise ConfigError(
+                f"config keys parallel.fsdp={parallel.fsdp}, parallel.tensor="
+                f"{parallel.tensor}: pmap is data parallelism only; set them to 1 or use "
+                "parallel.strategy=pjit"
+            )
+        if parallel.data not in (-1, total):
+            raise ConfigError(
+                f"config key parallel.data={parallel.data}: pmap uses all {total} devices; "
+                "set it to -1"
+            )
+        strategy: Parallel = PmapParallel()
+    elif parallel.strategy == "pjit":
+        mesh = make_mesh(parallel, devices)
+        rules = fit_rules(parse_rules(parallel.get("rules", "")), mesh, dims)
+        strategy = PjitParallel(mesh, rules)
+    else:
+        raise ConfigError(
+            f"config key parallel.strategy={parallel.strategy!r}: choose pjit or pmap"
+        )
+    _check_batch(strategy.name, batch_size, strategy.batch_shards, grad_accum_steps)
+    if eval_batch_size is not None:
+        _check_batch(strategy.name, eval_batch_size, strategy.batch_shards, key="eval.batch_size")
+    return strategy
