@@ -35,6 +35,19 @@ from flaxbert.sharding import Parallel, make_parallel
 log = logging.getLogger("flaxbert")
 
 
+# What every train step reports; the loop adds seq_per_sec and tokens_per_sec.
+STEP_METRICS = (
+    "loss",
+    "mlm_loss",
+    "mlm_accuracy",
+    "nsp_loss",
+    "nsp_accuracy",
+    "learning_rate",
+    "grad_norm",
+    "param_norm",
+)
+
+
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array

@@ -7,6 +7,7 @@ from collections import Counter
 import numpy as np
 
 from flaxbert.data.synthetic import SyntheticCorpus
+from flaxbert.train import STEP_METRICS
 
 
 def _run(args, cwd, timeout=600):
@@ -55,18 +56,7 @@ def test_pretrain_cli_learns_both_tasks(repo_root, tmp_path):
     eval_rows = [r for r in rows if "eval/loss" in r]
     assert [r["step"] for r in train_rows] == list(range(25, steps + 1, 25))
     assert [r["step"] for r in eval_rows] == [steps // 2, steps]
-    for key in (
-        "loss",
-        "mlm_loss",
-        "mlm_accuracy",
-        "nsp_loss",
-        "nsp_accuracy",
-        "learning_rate",
-        "grad_norm",
-        "param_norm",
-        "seq_per_sec",
-        "tokens_per_sec",
-    ):
+    for key in (*STEP_METRICS, "seq_per_sec", "tokens_per_sec"):
         assert all(np.isfinite(r[key]) for r in train_rows), key
     first, last = eval_rows[0], eval_rows[-1]
 
@@ -88,31 +78,22 @@ def test_pretrain_cli_learns_both_tasks(repo_root, tmp_path):
 
 
 def test_cli_config_errors_stop_before_work(repo_root, tmp_path):
-    result = _run(
-        [
+    def pretrain(override):
+        args = [
             "pretrain",
             "--config",
             "configs/pretrain.py:tiny",
             "--workdir",
             str(tmp_path / "x"),
-            "--config.train.lerning_rate=1e-3",
-        ],
-        cwd=repo_root,
-    )
+            override,
+        ]
+        return _run(args, cwd=repo_root)
+
+    result = pretrain("--config.train.lerning_rate=1e-3")
     assert result.returncode == 2
     assert "train.lerning_rate" in result.stderr and "train.learning_rate" in result.stderr
     assert not (tmp_path / "x").exists()  # nothing was started
-    result = _run(
-        [
-            "pretrain",
-            "--config",
-            "configs/pretrain.py:tiny",
-            "--workdir",
-            str(tmp_path / "x"),
-            "--config.train.num_steps=many",
-        ],
-        cwd=repo_root,
-    )
+    result = pretrain("--config.train.num_steps=many")
     assert result.returncode == 2 and "train.num_steps" in result.stderr
 
 

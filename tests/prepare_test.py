@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import sentencepiece as spm
+from shared_data import corpus_head
 
 from flaxbert.data import prepare as prepare_lib
 from flaxbert.data import text
@@ -360,19 +361,9 @@ def test_command_line(tmp_path, corpus_file, sp_model, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared")
-DATA = os.path.normpath(os.path.join(DATA, "data"))
-
-
 @pytest.mark.parametrize("name", ["ko_nsmc_reviews.txt", "en_gutenberg.txt"])
 def test_real_corpus_slice(name, tmp_path, sp_model):
-    source = os.path.join(DATA, "corpus", name)
-    if not os.path.exists(source):
-        pytest.skip(f"shared corpus {source} is absent (only on the project's own machines)")
-    with open(source, encoding="utf-8") as f:
-        lines = [line for _, line in zip(range(3000), f, strict=False)]
-    corpus = tmp_path / name
-    corpus.write_text("".join(lines), encoding="utf-8")
+    corpus = corpus_head(name, 3000, tmp_path / name)
     prepared = prepare(str(corpus), sp_model, str(tmp_path / "out"), num_workers=1)
     s = prepared.summary
     assert s["splits"]["train"]["documents"] >= 1 and s["splits"]["train"]["tokens"] > 0

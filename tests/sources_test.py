@@ -1,10 +1,10 @@
 """Pre-training on real text end to end: tokenizer on first use -> prepare -> pretrain."""
 
-import itertools
 import json
 import logging
 
 import pytest
+from shared_data import corpus_head
 
 from flaxbert.config import ConfigError, load_config
 from flaxbert.train import pretrain
@@ -13,13 +13,7 @@ SEQ = 64
 
 
 def _slice(repo_root, tmp_path, name, lines):
-    src = repo_root.parent / "shared" / "data" / "corpus" / name
-    if not src.exists():
-        pytest.skip(f"shared corpus {src} is absent (../shared/data beside the repository)")
-    out = tmp_path / name
-    with open(src, encoding="utf-8") as f, open(out, "w", encoding="utf-8") as g:
-        g.writelines(itertools.islice(f, lines))
-    return out
+    return corpus_head(name, lines, tmp_path / name)
 
 
 def _config(repo_root, corpus, cache, vocab, *extra):

@@ -63,7 +63,7 @@ def synthetic_model(tmp_path_factory):
 def korean(tmp_path_factory):
     """A 2000-piece unigram model on the first 20k NSMC lines; held-out lines after them."""
     if not KO_CORPUS.exists():
-        pytest.skip(f"the real corpora are not at {DATA / 'corpus'} (<repo>/../shared/data)")
+        pytest.skip(f"shared corpus {KO_CORPUS} is absent (<repo>/../shared/data)")
     tmp = tmp_path_factory.mktemp("korean")
     train = _slice_lines(KO_CORPUS, tmp / "train.txt", 0, 20_000)
     held_out = _sentences(_slice_lines(KO_CORPUS, tmp / "held.txt", 20_000, 21_000))
