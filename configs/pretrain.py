@@ -111,6 +111,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.max_grad_norm = 1.0  # global-norm clipping; 0 turns it off
     c.train.grad_accum_steps = 1  # micro-batches per update; batch_size must divide by it
     c.train.seed = 0
+    # A non-finite loss or gradient: 'stop' names the step and stops; 'skip' drops the update,
+    # counts it (metric skipped_updates) and goes on, stopping after too many in a row. Either
+    # way the bad update is never applied, so no checkpoint holds a non-finite state.
+    c.train.nonfinite = "stop"
+    c.train.max_consecutive_nonfinite = 10
     c.train.log_every = 50
 
     c.eval = ml_collections.ConfigDict()
@@ -127,9 +132,15 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     # vocab=tensor,embed=fsdp' (the default, flaxbert.sharding.DEFAULT_RULES, when empty).
     c.parallel.rules = ""
 
+    # Saved (asynchronously) every `every_steps`, at the end and on SIGTERM, into
+    # WORKDIR/checkpoints; the same command on the same workdir resumes from the latest.
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every_steps = 1000 if small else 10_000
-    c.checkpoint.keep = 3
+    c.checkpoint.every_steps = 1000 if small else 10_000  # 0 = only at the end and on SIGTERM
+    c.checkpoint.keep = 3  # the latest ones kept
+    c.checkpoint.best_metric = ""  # also keep the best by this eval metric, e.g. eval/mlm_loss
+    c.checkpoint.best_mode = "max"  # max | min: which end of best_metric is best
+    c.checkpoint.async_save = True  # write in the background while training goes on
+    c.checkpoint.dir = ""  # '' = WORKDIR/checkpoints
 
     if "corpus" in extra:
         # Real text: the tokenizer is trained and the corpus prepared on first use, cached in

@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True
     )
+    # orbax logs every step of every save through absl at INFO; its warnings still show.
+    logging.getLogger("absl").setLevel(logging.WARNING)
     if getattr(args, "func", None) is not None:  # data commands: their own handlers
         return args.func(args)
     try:

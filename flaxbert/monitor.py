@@ -17,15 +17,22 @@ class MetricWriter:
     Only one process of a multi-host job writes (`enabled=jax.process_index() == 0`).
     """
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: the step the run starts from. Rows after it (written by an
+        interrupted run past its last checkpoint) are dropped from `metrics.jsonl`, and
+        TensorBoard is told to purge its events after it, so the logs read as one run."""
         self.enabled = enabled
         self._jsonl = self._tb = None
         if enabled:
             os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            path = os.path.join(workdir, "metrics.jsonl")
+            _truncate_after(path, resume_step)
+            self._jsonl = open(path, "a", encoding="utf-8")
             from tensorboardX import SummaryWriter  # imported here: only the writer needs it
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = SummaryWriter(
+                os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1
+            )
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -42,6 +49,25 @@ class MetricWriter:
             self._jsonl.close()
             self._tb.close()
             self._jsonl = self._tb = None
+
+
+def _truncate_after(path: str, step: int) -> None:
+    """Keeps the rows of a metrics.jsonl up to `step` (a torn last line is dropped too)."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if row.get("step", 0) <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
 
 
 def format_duration(seconds: float) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -290,6 +291,21 @@ class Parallel:
         """The state as one copy (pmap keeps one per device)."""
         return state
 
+    # Checkpoints hold one global copy of the state, whatever the strategy, so a checkpoint
+    # written under one strategy or mesh restores under any other.
+
+    def to_checkpoint(self, tree):
+        """Placed state (or part of it) -> global arrays as a checkpoint stores them."""
+        return tree
+
+    def checkpoint_abstract(self, abstract_tree):
+        """`abstract_state()` (or part of it) -> the restore target of `to_checkpoint`'s form."""
+        return abstract_tree
+
+    def from_checkpoint(self, tree):
+        """Restored global arrays -> the state as this strategy places it."""
+        return tree
+
 
 def _check_batch(name, size, shards, micro: int = 1, key="train.batch_size"):
     if size % (shards * micro):
@@ -466,6 +482,37 @@ class PmapParallel(Parallel):
 
     def unreplicate(self, state):
         return jax.tree.map(lambda x: x[0], state)
+
+    @functools.cached_property
+    def _global_replicated(self):
+        # All devices of all processes, one full copy each: a checkpointable global array.
+        return NamedSharding(Mesh(np.array(jax.devices()), (self.axis_name,)), PartitionSpec())
+
+    def to_checkpoint(self, tree):
+        def one(x):
+            # Each local device's replica, reshaped in place, becomes that device's copy.
+            shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(
+                x.shape[1:], self._global_replicated, shards
+            )
+
+        return jax.tree.map(one, tree)
+
+    def checkpoint_abstract(self, abstract_tree):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=self._global_replicated),
+            abstract_tree,
+        )
+
+    def from_checkpoint(self, tree):
+        n = len(self.local_devices)
+
+        def one(x):
+            by_device = {s.device: s.data for s in x.addressable_shards}
+            shards = [by_device[d].reshape(1, *x.shape) for d in self.local_devices]
+            return jax.make_array_from_single_device_arrays((n, *x.shape), self.stacked, shards)
+
+        return jax.tree.map(one, tree)
 
 
 def make_parallel(

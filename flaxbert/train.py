@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -25,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from flaxbert import checkpoint as ckpt
 from flaxbert.config import ConfigError, require
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches, prefetch
 from flaxbert.data.sources import load_corpus
@@ -45,6 +48,7 @@ STEP_METRICS = (
     "learning_rate",
     "grad_norm",
     "param_norm",
+    "skipped_updates",  # running total of updates dropped for a non-finite gradient
 )
 
 
@@ -104,7 +108,17 @@ def make_optimizer(train: ml_collections.ConfigDict):
         raise ConfigError(f"config key train.optimizer={train.optimizer!r}: choose adamw or lamb")
     if train.max_grad_norm > 0:
         opt = optax.chain(optax.clip_by_global_norm(train.max_grad_norm), opt)
-    return schedule, opt
+    # A non-finite gradient never reaches the parameters or the moments: the update is dropped
+    # and counted (`total_notfinite`); the loop then stops or goes on (`train.nonfinite`).
+    return schedule, optax.apply_if_finite(opt, max_consecutive_errors=_NEVER_GIVE_UP)
+
+
+_NEVER_GIVE_UP = 2**30  # the loop, not optax, decides when too many updates were skipped
+
+
+def skipped_updates(opt_state) -> jax.Array:
+    """Updates dropped so far for a non-finite gradient (optax.apply_if_finite's count)."""
+    return opt_state.total_notfinite
 
 
 # ------------------------------------------------------------------------------ model
@@ -231,6 +245,7 @@ def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: s
         metrics["learning_rate"] = schedule(state.step)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["param_norm"] = optax.tree.norm(params)
+        metrics["skipped_updates"] = skipped_updates(opt_state)
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
@@ -352,14 +367,6 @@ def batch_shapes(batch_size: int, seq_len: int, num_predictions: int):
 # ------------------------------------------------------------------------------ loop
 
 
-@dataclasses.dataclass
-class PretrainResult:
-    state: TrainState
-    train_metrics: dict[str, float]  # means over the last logging interval
-    eval_metrics: dict[str, float]  # the last evaluation, keys prefixed with eval/
-    wall_time: float
-
-
 def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
     """Checks everything that can be checked before work starts; returns the model config."""
     try:
@@ -395,6 +402,19 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
         d.max_predictions_per_seq,
         "cannot exceed data.max_seq_length",
     )
+    require(
+        t.nonfinite in ("stop", "skip"),
+        "train.nonfinite",
+        t.nonfinite,
+        "choose stop (name the step and stop) or skip (drop the update and count it)",
+    )
+    require(
+        t.max_consecutive_nonfinite >= 1,
+        "train.max_consecutive_nonfinite",
+        t.max_consecutive_nonfinite,
+        "must be >= 1",
+    )
+    validate_checkpoint_config(config.checkpoint, config.eval.every_steps)
     make_optimizer(t)  # names a bad optimizer or schedule now rather than later
     return model_config
 
@@ -423,19 +443,123 @@ def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
     return {f"eval/{k}": float(v) for k, v in summarise(totals).items()}
 
 
-def _check_finite(step: int, metrics: dict[str, float]) -> None:
-    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite {' and '.join(bad)} at step {step} ({metrics}); lower "
-            "train.learning_rate, check the data, or use model.dtype=float32"
+def validate_checkpoint_config(c: ml_collections.ConfigDict, eval_every: int) -> None:
+    require(
+        c.every_steps >= 0,
+        "checkpoint.every_steps",
+        c.every_steps,
+        "must be >= 0 (0 = at the end only)",
+    )
+    require(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+    require(c.best_mode in ("max", "min"), "checkpoint.best_mode", c.best_mode, "choose max or min")
+    if c.best_metric:
+        names = [
+            f"eval/{k}" for k in ("loss", "mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")
+        ]
+        require(
+            c.best_metric in names,
+            "checkpoint.best_metric",
+            c.best_metric,
+            f"choose one of {', '.join(names)} (or '' to keep only the latest)",
         )
+        require(
+            eval_every > 0 and c.every_steps > 0 and c.every_steps % eval_every == 0,
+            "checkpoint.every_steps",
+            c.every_steps,
+            f"must be a positive multiple of eval.every_steps={eval_every} when "
+            "checkpoint.best_metric is set, so that every checkpoint has a score",
+        )
+
+
+def _nonfinite_message(step: int, metrics: dict[str, float]) -> str | None:
+    bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
+    return f"non-finite {' and '.join(bad)} at step {step}" if bad else None
+
+
+class PreemptionWatch:
+    """SIGTERM (a scheduler's preemption notice) -> save at the next step, then stop cleanly.
+
+    One process: a signal handler sets a flag. Several: JAX's preemption sync manager (set up by
+    `jax.distributed.initialize`, which catches SIGTERM itself) picks one step all processes
+    reach, so they all save the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if self._multi:
+            from jax.experimental import multihost_utils
+
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+def _flat_config(tree, prefix=""):
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _log_config_changes(saved: dict, current: dict, step: int) -> None:
+    saved, current = _flat_config(saved), _flat_config(current)
+    changed = [
+        f"{k} {saved.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}"
+        for k in sorted(set(saved) | set(current))
+        if saved.get(k) != current.get(k)
+    ]
+    if changed:
+        log.warning(
+            "resuming from step %d with a config that differs from the checkpoint's: %s "
+            "(the run will not repeat an uninterrupted one exactly)",
+            step,
+            "; ".join(changed),
+        )
+
+
+def state_from_checkpoint(setup: TrainingSetup, restored: ckpt.Restored) -> TrainState:
+    """A restored checkpoint -> the TrainState as `setup.parallel` places it."""
+    target = setup.parallel.checkpoint_abstract(setup.abstract_state())
+    step = jax.make_array_from_process_local_data(
+        target.step.sharding, np.asarray(restored.step, np.int32)
+    )
+    return setup.parallel.from_checkpoint(
+        TrainState(step=step, params=restored.params, opt_state=restored.opt_state)
+    )
+
+
+@dataclasses.dataclass
+class PretrainResult:
+    state: TrainState
+    train_metrics: dict[str, float]  # means over the last logging interval
+    eval_metrics: dict[str, float]  # the last evaluation, keys prefixed with eval/
+    wall_time: float
+    start_step: int = 0  # the checkpoint step it resumed from (0: a fresh start)
+    final_step: int = 0
+    preempted: bool = False  # stopped by SIGTERM after saving `final_step`
+    skipped_updates: int = 0
 
 
 def pretrain(
     config: ml_collections.ConfigDict, workdir: str, parallel: Parallel | None = None
 ) -> PretrainResult:
-    """Pre-trains from scratch as `config` says, writing everything into `workdir`.
+    """Pre-trains as `config` says, writing everything into `workdir`; continues from the
+    latest complete checkpoint in `workdir` when there is one.
 
     `parallel` (a `flaxbert.sharding` strategy) overrides the one `config.parallel` names.
     """
@@ -468,16 +592,19 @@ def pretrain(
     t = config.train
     is_chief = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
+    config_dict = json.loads(config.to_json_best_effort())
     if is_chief:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json_best_effort(indent=2) + "\n")
     log.info("data: %s", corpus.description)
+    tokenizer_ref = ckpt.keep_tokenizer(workdir, corpus.tokenizer_path)
 
     setup = setup_training(config, model_config, parallel)
     parallel = setup.parallel
     log.info("parallel: %s", parallel.description)
 
-    # Each process builds only the rows of the global batch that its devices hold.
+    # Each process builds only the rows of the global batch that its devices hold. A batch is
+    # a function of (seed, step), so the loader's position is the step.
     train_rows = parallel.local_rows(t.batch_size)
     loader_index, loader_count = train_rows.loader_shard
     masking = dict(word_start=corpus.word_start, whole_word_masking=d.whole_word_masking)
@@ -501,9 +628,36 @@ def pretrain(
         for i in range(config.eval.num_batches)
     ]
 
+    c = config.checkpoint
+    checkpoints = ckpt.Checkpoints(
+        ckpt.checkpoint_directory(workdir, c),
+        keep=c.keep,
+        best_metric=c.best_metric,
+        best_mode=c.best_mode,
+        async_save=c.async_save,
+    )
     rng = jax.random.key(t.seed)
     init_rng, dropout_rng = jax.random.split(rng)
-    state = setup.create_state(init_rng)
+    abstract = setup.abstract_state()
+    target = parallel.checkpoint_abstract(abstract)
+    restored = checkpoints.restore_latest(target.params, target.opt_state)
+    if restored is None:
+        start_step = 0
+        state = setup.create_state(init_rng)
+    else:
+        start_step = restored.step
+        meta = restored.meta
+        _log_config_changes(meta.get("config", {}), config_dict, start_step)
+        dropout_rng = ckpt.rng_from_json(meta["rng"])
+        state = state_from_checkpoint(setup, restored)
+        log.info(
+            "resuming from checkpoint %s (step %d of %d): parameters, optimizer state, dropout "
+            "RNG and data position restored",
+            checkpoints.step_dir(start_step),
+            start_step,
+            t.num_steps,
+        )
+    dropout_rng_host = dropout_rng
     dropout_rng = parallel.put_replicated(dropout_rng)
     num_params = sum(x.size for x in jax.tree.leaves(jax.eval_shape(setup.init_fn, rng).params))
     log.info(
@@ -516,23 +670,42 @@ def pretrain(
 
     train_step = setup.compile_train_step(state)
     eval_step = setup.compile_eval_step(state)
-    writer = MetricWriter(workdir, enabled=is_chief)
-    progress = Progress(t.num_steps, enabled=is_chief)
+    writer = MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
+    progress = Progress(t.num_steps, first_step=start_step, enabled=is_chief)
     tokens_per_batch = t.batch_size * inst.max_seq_length
 
     start_time = time.perf_counter()
     interval: list[dict[str, float]] = []
     interval_start, last_train, last_eval = time.perf_counter(), {}, {}
     pending = None  # (step, device metrics): fetched one step late so the host never stalls
+    skipped = consecutive = 0
 
     def finish(step, device_metrics):
-        nonlocal interval_start, last_train
+        nonlocal interval_start, last_train, skipped, consecutive
         metrics = parallel.fetch(device_metrics)
-        _check_finite(step, metrics)
-        interval.append(metrics)
-        if step % t.log_every == 0 or step == t.num_steps:
+        skipped = int(metrics["skipped_updates"])
+        problem = _nonfinite_message(step, metrics)
+        if problem and t.nonfinite == "stop":
+            raise FloatingPointError(
+                f"{problem} ({metrics}); the update was not applied and nothing non-finite "
+                "was saved. Lower train.learning_rate, check the data, use "
+                "model.dtype=float32, or set train.nonfinite=skip to skip such steps"
+            )
+        if problem:
+            consecutive += 1
+            log.warning("%s: update skipped (%d skipped so far)", problem, skipped)
+            if consecutive > t.max_consecutive_nonfinite:
+                raise FloatingPointError(
+                    f"{problem}: {consecutive} non-finite steps in a row (more than "
+                    f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopping"
+                )
+        else:
+            consecutive = 0
+            interval.append(metrics)
+        if interval and (step % t.log_every == 0 or step == t.num_steps):
             now = time.perf_counter()
             mean = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+            mean["skipped_updates"] = skipped
             mean["seq_per_sec"] = len(interval) * t.batch_size / (now - interval_start)
             mean["tokens_per_sec"] = len(interval) * tokens_per_batch / (now - interval_start)
             writer.write(step, mean)
@@ -540,18 +713,54 @@ def pretrain(
             interval.clear()
             interval_start, last_train = now, mean
 
+    def save(step, state, eval_metrics):
+        view = parallel.to_checkpoint(state)
+        meta = {
+            "format": ckpt.FORMAT_VERSION,
+            "step": step,
+            "rng": ckpt.rng_to_json(dropout_rng_host),
+            "data": {
+                "position": step,  # batches consumed: the next one is batch(step)
+                "seed": t.seed,
+                "global_batch": t.batch_size,
+                "masking": d.masking,
+                "corpus": d.corpus,
+            },
+            "skipped_updates": skipped,
+            "config": config_dict,
+            "tokenizer": tokenizer_ref,
+            "model": dataclasses.asdict(model_config),
+            "parallel": parallel.description,
+        }
+        blocking = checkpoints.save(step, view.params, view.opt_state, meta, eval_metrics)
+        if is_chief:
+            log.info(
+                "checkpoint %s: training waited %.2fs; writing goes on in the background",
+                checkpoints.step_dir(step),
+                blocking,
+            )
+
+    preemption = PreemptionWatch()
+    preempted = False
+    step = start_step
     try:
-        batches = prefetch(train_batches.batch, range(t.num_steps), config.data.prefetch)
+        steps = range(start_step, t.num_steps)
+        batches = prefetch(train_batches.batch, steps, config.data.prefetch)
         for step0, batch in batches:
             step = step0 + 1  # the step count once this update is applied
             state, metrics = train_step(state, parallel.put_batch(batch), dropout_rng)
             if pending is not None:
                 finish(*pending)
             pending = (step, metrics)
-            every = config.eval.every_steps
-            if step == t.num_steps or (every and step % every == 0):
+            every, save_every = config.eval.every_steps, c.every_steps
+            at_eval = step == t.num_steps or (every and step % every == 0)
+            at_save = step == t.num_steps or (save_every and step % save_every == 0)
+            preempted = preemption.reached(step)
+            if at_eval or at_save or preempted:
+                # The step is checked (finite, or skipped) before anything is saved.
                 finish(*pending)
                 pending = None
+            if at_eval:
                 eval_start = time.perf_counter()
                 last_eval = evaluate(eval_step, state.params, eval_batches)
                 writer.write(step, last_eval)
@@ -563,17 +772,40 @@ def pretrain(
                     )
                 # Evaluation time does not count against training speed.
                 interval_start += time.perf_counter() - eval_start
+            if at_save or preempted:
+                save(step, state, last_eval if at_eval else None)
+            if preempted:
+                log.warning(
+                    "SIGTERM (preemption) received: saved step %d; stopping. Run the same "
+                    "command again to continue.",
+                    step,
+                )
+                break
         if pending is not None:
             finish(*pending)
+        if start_step >= t.num_steps:
+            log.info(
+                "the checkpoint is at step %d, train.num_steps=%d: nothing to train (raise "
+                "train.num_steps to go on)",
+                start_step,
+                t.num_steps,
+            )
+            last_eval = evaluate(eval_step, state.params, eval_batches)
     finally:
+        preemption.close()
         writer.close()
+        checkpoints.close()  # waits for the saves still being written
     wall = time.perf_counter() - start_time
-    if is_chief:
+    if is_chief and not preempted:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
-            json.dump({"step": t.num_steps, **last_eval, "wall_time_s": wall}, f, indent=2)
+            json.dump(
+                {"step": step, **last_eval, "skipped_updates": skipped, "wall_time_s": wall},
+                f,
+                indent=2,
+            )
         log.info(
             "done: %d steps in %.1fs; final eval MLM accuracy %.4f, NSP accuracy %.4f",
-            t.num_steps,
+            step - start_step,
             wall,
             last_eval["eval/mlm_accuracy"],
             last_eval["eval/nsp_accuracy"],
@@ -583,4 +815,8 @@ def pretrain(
         train_metrics=last_train,
         eval_metrics=last_eval,
         wall_time=wall,
+        start_step=start_step,
+        final_step=step,
+        preempted=preempted,
+        skipped_updates=skipped,
     )

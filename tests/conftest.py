@@ -17,3 +17,15 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+    """XLA's optimisation passes mostly off: compiling dominates tiny runs, and partitioning,
+    collectives and numerics of the ops are the same."""
+    import jax
+
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)

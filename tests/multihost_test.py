@@ -5,9 +5,7 @@ import os
 import subprocess
 import sys
 
-import jax
 import numpy as np
-import pytest
 
 from flaxbert import train
 from flaxbert.config import load_config
@@ -40,14 +38,6 @@ OVERRIDES = [
 def _rows(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
     return [json.loads(line) for line in lines]
-
-
-@pytest.fixture
-def fast_compiles():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def test_two_processes_match_one(repo_root, tmp_path, fast_compiles):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_overrides
 
 from flaxbert import cli, distributed, sharding, train
 from flaxbert.config import ConfigError, load_config
@@ -22,27 +23,8 @@ from flaxbert.model import BertConfig, BertForPreTraining
 SEQ, PRED, BATCH, STEPS = 32, 5, 16, 3
 MESH = ("data", "fsdp", "tensor")
 
-TINY = [
-    "--config.model.hidden_size=32",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.intermediate_size=64",
-    f"--config.model.max_position_embeddings={SEQ}",
-    f"--config.model.vocab_size={VOCAB_SIZE}",
-    f"--config.data.max_seq_length={SEQ}",
-    f"--config.data.max_predictions_per_seq={PRED}",
-    f"--config.train.batch_size={BATCH}",
-    "--config.train.warmup_steps=1",
-    "--config.eval.batch_size=16",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def fast_compiles():
-    old = jax.config.values["jax_disable_most_optimizations"]
-    jax.config.update("jax_disable_most_optimizations", True)
-    yield
-    jax.config.update("jax_disable_most_optimizations", old)
+TINY = tiny_overrides(SEQ, PRED, BATCH)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def _config(repo_root, strategy="pjit", data=-1, fsdp=1, tensor=1, dropout=0.0, **extra):

@@ -151,9 +151,14 @@ def test_gradients_are_clipped_by_global_norm(repo_root, max_norm):
     np.testing.assert_allclose(seen, expected, rtol=1e-4)
 
 
-def test_nonfinite_loss_stops_with_the_step():
-    with pytest.raises(FloatingPointError, match="step 7"):
-        train._check_finite(7, {"loss": float("nan"), "grad_norm": 1.0})
+def test_nonfinite_message_names_the_step_and_quantity():
+    assert train._nonfinite_message(7, {"loss": float("nan"), "grad_norm": 1.0}) == (
+        "non-finite loss at step 7"
+    )
+    assert "loss and grad_norm" in train._nonfinite_message(
+        3, {"loss": float("inf"), "grad_norm": float("nan")}
+    )
+    assert train._nonfinite_message(2, {"loss": 1.0, "grad_norm": 1.0}) is None
 
 
 def test_train_step_compiles_once(repo_root):
