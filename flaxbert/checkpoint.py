@@ -100,11 +100,12 @@ def _flat_shapes(tree) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def shape_mismatches(saved, expected) -> list[str]:
-    """One line per parameter that is missing, extra or of another shape."""
+def shape_mismatches(saved, expected, partial: bool = False) -> list[str]:
+    """One line per parameter that is missing, extra (unless `partial`: a subset is wanted)
+    or of another shape."""
     saved, expected = _flat_shapes(saved), _flat_shapes(expected)
     lines, structural = [], []
-    for key in sorted(set(saved) | set(expected)):
+    for key in sorted(set(expected) if partial else set(saved) | set(expected)):
         s, e = saved.get(key), expected.get(key)
         if s == e:
             continue
@@ -340,6 +341,12 @@ def read_meta(path: str) -> tuple[str, dict]:
         raise CheckpointNotFoundError(f"cannot read {meta_file}: {e}") from None
 
 
+def saved_param_groups(step_dir: str) -> dict[str, list[str]]:
+    """Top-level parameter groups of a checkpoint and the names directly under each."""
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "params")).item_metadata.tree
+    return {k: sorted(v) if isinstance(v, dict) else [] for k, v in tree.items()}
+
+
 def restore_params(path: str, abstract_subtree: dict, step_dir: str | None = None):
     """Only the chosen top-level parameter groups (e.g. `{'bert': ...}`, the encoder) of a
     checkpoint, placed as `abstract_subtree`'s shardings say (any mesh); the optimizer state
@@ -358,7 +365,9 @@ def restore_params(path: str, abstract_subtree: dict, step_dir: str | None = Non
             f"checkpoint {step_dir} has no parameter group(s) {', '.join(missing)} "
             f"(it has {', '.join(sorted(saved))})"
         )
-    lines = shape_mismatches({k: saved[k] for k in abstract_subtree}, abstract_subtree)
+    lines = shape_mismatches(
+        {k: saved[k] for k in abstract_subtree}, abstract_subtree, partial=True
+    )
     if lines:
         raise _mismatch_error(step_dir, "parameters", lines, _config_hint(step_dir))
     return checkpointer.restore(

@@ -78,7 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_args(p)
     _distributed_args(p)
-    # Data commands: their modules define their own flags and handlers.
+    p = commands.add_parser(
+        "finetune",
+        help="fine-tune a pre-trained encoder (or a random one) on a task",
+        description="Fine-tune: restore the encoder of --config.init_from=PRETRAINING_WORKDIR "
+        "(embeddings and layers; the pooler with init_pooler), add a fresh task head, train, "
+        "evaluate every epoch, keep the best checkpoint and write predictions. Without "
+        "init_from every parameter starts random (the baseline). Tasks: configs/finetune.py.",
+    )
+    _config_args(p)
+    _distributed_args(p)
+    # Commands whose modules define their own flags and handlers.
+    from flaxbert.features import add_extract_features_parser, run_extract_features
+
+    add_extract_features_parser(commands).set_defaults(func=run_extract_features)
     from flaxbert.data.prepare import add_prepare_parser, run_prepare
     from flaxbert.tokenizer import add_train_tokenizer_parser, run_train_tokenizer
 
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     try:
         config = load_config(args.config, overrides)
-        if args.command in ("pretrain", "compile"):
+        if args.command in ("pretrain", "compile", "finetune"):
             from flaxbert import distributed  # JAX loads only once the flags are fine
 
             try:
@@ -112,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
             from flaxbert.train import pretrain
 
             pretrain(config, args.workdir)
+        elif args.command == "finetune":
+            from flaxbert.finetune import finetune
+
+            finetune(config, args.workdir)
         elif args.command == "compile":
             from flaxbert.preflight import preflight
 

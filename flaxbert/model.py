@@ -24,6 +24,18 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("", "xla", "cudnn")
 
 
+# The keys that fix the parameters' shapes: a checkpoint fits a config when they agree.
+STRUCTURAL_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "num_layers",
+    "num_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
     """The model's hyper-parameters; the modules see this and nothing else of a run config."""
@@ -47,15 +59,7 @@ class BertConfig:
         def bad(key, why):
             raise ValueError(f"config key model.{key}={getattr(self, key)!r}: {why}")
 
-        for key in (
-            "vocab_size",
-            "hidden_size",
-            "num_layers",
-            "num_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "type_vocab_size",
-        ):
+        for key in STRUCTURAL_KEYS:
             if getattr(self, key) < 1:
                 bad(key, "must be a positive integer")
         if self.hidden_size % self.num_heads:
@@ -259,6 +263,8 @@ class TransformerLayer(nn.Module):
 class EncoderOutput:
     sequence_BLD: jax.Array
     pooled_BD: jax.Array | None
+    # With `all_layers=True`: the embedding output then each layer's, (L+1) x (B, L, D).
+    hidden_states: tuple[jax.Array, ...] | None = None
 
 
 class BertModel(nn.Module):
@@ -279,16 +285,28 @@ class BertModel(nn.Module):
             self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
 
     def __call__(
-        self, input_ids, input_mask, segment_ids, position_ids=None, deterministic: bool = True
+        self,
+        input_ids,
+        input_mask,
+        segment_ids,
+        position_ids=None,
+        deterministic: bool = True,
+        all_layers: bool = False,
     ) -> EncoderOutput:
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         x_BLD = self.embeddings(input_ids, segment_ids, position_ids, deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+        hidden = [x_BLD]
         for layer in self.layers:
             x_BLD = layer(x_BLD, input_mask, deterministic)
+            hidden.append(x_BLD)
         pooled_BD = jnp.tanh(self.pooler(x_BLD[:, 0])) if self.add_pooler else None
-        return EncoderOutput(sequence_BLD=x_BLD, pooled_BD=pooled_BD)
+        return EncoderOutput(
+            sequence_BLD=x_BLD,
+            pooled_BD=pooled_BD,
+            hidden_states=tuple(hidden) if all_layers else None,
+        )
 
     def attend(self, x_BPD):
         return self.embeddings.attend(x_BPD)
@@ -341,3 +359,62 @@ class BertForPreTraining(nn.Module):
         """Vocabulary logits at every position (B, L, V): for inspection and tests only."""
         out = self.bert(input_ids, input_mask, segment_ids, None, True)
         return self.mlm_head(out.sequence_BLD)
+
+
+# ------------------------------------------------------------------------------ task heads
+#
+# Each holds the encoder as `bert`, so a pre-training checkpoint's `bert` subtree restores into
+# it, and a freshly initialised head under its own name.
+
+
+class BertForSequenceClassification(nn.Module):
+    """Pooled [CLS] -> dropout -> dense: `num_labels` logits, or one score (regression)."""
+
+    config: BertConfig
+    num_labels: int
+
+    def setup(self):
+        self.bert = BertModel(self.config)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_rate)
+        self.classifier = _dense(
+            self.config, self.num_labels, ("embed_out", "classes"), "classifier"
+        )
+
+    def __call__(self, input_ids, input_mask, segment_ids, deterministic: bool = True):
+        out = self.bert(input_ids, input_mask, segment_ids, None, deterministic)
+        logits_BC = self.classifier(self.dropout(out.pooled_BD, deterministic=deterministic))
+        return logits_BC.astype(jnp.float32)
+
+
+class BertForTokenClassification(nn.Module):
+    """Every position's final hidden state -> dropout -> dense: (B, L, num_labels)."""
+
+    config: BertConfig
+    num_labels: int
+
+    def setup(self):
+        self.bert = BertModel(self.config, add_pooler=False)
+        self.dropout = nn.Dropout(self.config.hidden_dropout_rate)
+        self.classifier = _dense(self.config, self.num_labels, ("embed", "classes"), "classifier")
+
+    def __call__(self, input_ids, input_mask, segment_ids, deterministic: bool = True):
+        out = self.bert(input_ids, input_mask, segment_ids, None, deterministic)
+        x_BLD = self.dropout(out.sequence_BLD, deterministic=deterministic)
+        return self.classifier(x_BLD).astype(jnp.float32)
+
+
+class BertForQuestionAnswering(nn.Module):
+    """Every position's final hidden state -> dense 2: start and end logits, (B, L) each."""
+
+    config: BertConfig
+
+    def setup(self):
+        self.bert = BertModel(self.config, add_pooler=False)
+        self.qa_outputs = _dense(self.config, 2, ("embed", "classes"), "qa_outputs")
+
+    def __call__(self, input_ids, input_mask, segment_ids, deterministic: bool = True):
+        out = self.bert(input_ids, input_mask, segment_ids, None, deterministic)
+        logits_BL2 = self.qa_outputs(out.sequence_BLD).astype(jnp.float32)
+        # Padding can never be an answer boundary.
+        logits_BL2 = jnp.where(input_mask[..., None] > 0, logits_BL2, -1e9)
+        return logits_BL2[..., 0], logits_BL2[..., 1]

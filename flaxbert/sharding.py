@@ -283,6 +283,11 @@ class Parallel:
         """`fn(params, batch) -> sums` -> `(params, host_batch) -> global sums`."""
         raise NotImplementedError
 
+    def predict_step(self, fn, state_example) -> Callable:
+        """`fn(params, batch) -> per-row outputs` -> `(params, host_batch) -> numpy outputs
+        for every row of the global batch` (the same on every process)."""
+        raise NotImplementedError
+
     def fetch(self, metrics) -> dict[str, float]:
         """Device metrics -> host floats (the same on every process)."""
         return {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -409,6 +414,13 @@ class PjitParallel(Parallel):
         )
         return lambda params, host_batch: step(params, self.put_batch(host_batch))
 
+    def predict_step(self, fn, state_example):
+        # Outputs gathered onto every device, so each process reads the whole batch locally.
+        run = self.eval_step(fn, state_example)
+        return lambda params, host_batch: jax.tree.map(
+            lambda x: np.asarray(x.addressable_data(0)), run(params, host_batch)
+        )
+
 
 class PmapParallel(Parallel):
     name = "pmap"
@@ -474,6 +486,20 @@ class PmapParallel(Parallel):
         def run(params, host_batch):
             sums = pmapped(params, self.put_batch(host_batch))
             return jax.tree.map(lambda x: x[0], sums)
+
+        return run
+
+    def predict_step(self, fn, state_example):
+        pmapped = jax.pmap(fn, axis_name=self.axis_name)
+
+        def run(params, host_batch):
+            out = jax.device_get(pmapped(params, self.put_batch(host_batch)))
+            out = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), out)  # this process's rows
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                out = multihost_utils.process_allgather(out, tiled=True)
+            return jax.tree.map(np.asarray, out)
 
         return run
 

@@ -235,6 +235,64 @@ class Tokenizer:
         )
         return [np.asarray(x, dtype=np.int32) for x in ids]
 
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, char_start, char_end), int32 each: the ids of `encode(text)` and, per piece,
+        the span [char_start, char_end) of the ORIGINAL `text` (str indices) it covers.
+
+        Token classification and extractive QA need it to map pieces back to words and to
+        cut answers out of the original text exactly (case, spaces, particles as written),
+        whatever NFKC did to the text before segmentation. SentencePiece reports UTF-8 byte
+        offsets of the input; they are turned into character indices here, and:
+
+        - A piece that starts with "▁" starts at its word's first character, not at the
+          space before it: the whitespace SentencePiece folded into it is left out, so the
+          span never swallows the space (or anything before it). A bare "▁" piece (the
+          dummy prefix, or the space before a byte-fallback character) covers no character:
+          its span is the empty [w, w) at the start w of the word it opens.
+        - Byte-fallback pieces of one character (🦜 = 4 byte pieces) all get that
+          character's span, and so do the several pieces one character expands to under
+          NFKC ("ﬁ" -> "f" "i", "½" -> "1" "⁄" "2"): such a piece is not a substring of
+          `text`, but its span is still where it came from.
+        - Spans never decrease from one piece to the next.
+        """
+        try:
+            proto = self.processor.encode(text, out_type="proto")
+        except (ValueError, TypeError, RuntimeError):  # sentencepiece without out_type="proto"
+            proto = self.processor.encode(text, out_type="immutable_proto")
+        pieces = list(proto.pieces)
+        n = len(pieces)
+        ids = np.fromiter((p.id for p in pieces), dtype=np.int32, count=n)
+        begin = np.fromiter((p.begin for p in pieces), dtype=np.int64, count=n)
+        end = np.fromiter((p.end for p in pieces), dtype=np.int64, count=n)
+        # Character index of each byte offset: UTF-8 continuation bytes are 10xxxxxx.
+        raw = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+        char_of_byte = np.append(np.cumsum((raw & 0xC0) != 0x80) - 1, len(text))
+        start = char_of_byte[begin]  # the character the first byte belongs to
+        stop = np.where(end > 0, char_of_byte[np.maximum(end - 1, 0)] + 1, 0)
+        stop = np.maximum(stop, start)
+        import unicodedata
+
+        for i, p in enumerate(pieces):
+            if p.piece.startswith(WORD_BOUNDARY):
+                # Whitespace as the normaliser sees it: spaces, and the invisible format and
+                # control characters (zero-width space) it turns into or drops with them.
+                s, e = int(start[i]), int(stop[i])
+                while s < e and (
+                    text[s].isspace() or unicodedata.category(text[s]) in ("Cc", "Cf")
+                ):
+                    s += 1
+                start[i] = s
+        # Pieces that got no byte of their own (all but the last byte piece of a character,
+        # all but the last piece of an NFKC expansion) share the span of the piece that did.
+        for i in range(n - 2, -1, -1):
+            if (
+                start[i] == stop[i]
+                and start[i + 1] == start[i]
+                and pieces[i].piece.strip(WORD_BOUNDARY)
+            ):
+                stop[i] = stop[i + 1]
+        return ids, start.astype(np.int32), stop.astype(np.int32)
+
     def decode(self, ids) -> str:
         return self.processor.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 

@@ -1,0 +1,130 @@
+"""Fine-tuning on a task, from a pre-trained flaxbert encoder or from random initialisation.
+
+Run:
+    flaxbert finetune --config configs/finetune.py:nsmc,mini --workdir runs/nsmc \
+        --config.init_from=runs/mini-ko
+    flaxbert finetune --config configs/finetune.py:sst2,mini --workdir runs/sst2-random \
+        --config.data.tokenizer=runs/cache/en_gutenberg-3efceb-unigram8000.model
+
+The argument is `TASK[,VARIANT]`: a task preset (nsmc, korsts, kornli, klue_ner, sst2, cola,
+mrpc, rte, stsb, wikiann_en, wnut17, squad_v1 — files in ../shared/data/tasks, see
+flaxbert.data.tasks.TASK_PRESETS) and the model size of the checkpoint (default mini; the
+structural model keys must match the checkpoint's, or the run stops naming them).
+A new task needs only a config: set `kind`, `metrics`, `main_metric`, `data.reader.*`,
+`data.label_list` and the files (a path or `tfds:NAME[:SPLIT]`).
+
+Expect: see the README's "Does pre-training pay?" table for measured NSMC and SST-2 numbers.
+"""
+
+import os
+
+import ml_collections
+from flaxbert.data.tasks import TASK_PRESETS
+
+VARIANTS = {  # name: (layers, hidden, heads), as configs/pretrain.py
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+TASKS_DIR = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tasks"
+)
+# Preset keys that are not the reader's.
+_TASK_KEYS = ("kind", "metrics", "main_metric", "train_file", "eval_file", "label_list")
+
+
+def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
+    task, *rest = arg.split(",")
+    variant = rest[0] if rest else "mini"
+    if task not in TASK_PRESETS:
+        raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_PRESETS)}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    preset = dict(TASK_PRESETS[task])
+    layers, hidden, heads = VARIANTS[variant]
+    qa = preset["kind"] == "qa"
+
+    c = ml_collections.ConfigDict()
+    c.task = task
+    c.kind = preset["kind"]  # classification | regression | token_classification | qa
+    c.metrics = preset["metrics"]  # a flaxbert.metrics.TASK_METRICS set, or squad
+    c.main_metric = preset["main_metric"]  # picks the best checkpoint (higher is better)
+    # A pre-training workdir, its checkpoints/ dir or one checkpoints/STEP dir; '' = random init.
+    c.init_from = ""
+    c.init_pooler = True  # also restore the pre-trained pooler (used by [CLS] heads)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.vocab_size = 0  # 0 = the tokenizer's size
+    c.model.hidden_size = hidden
+    c.model.num_layers = layers
+    c.model.num_heads = heads
+    c.model.intermediate_size = 4 * hidden
+    c.model.max_position_embeddings = 512
+    c.model.type_vocab_size = 2
+    c.model.hidden_dropout_rate = 0.1
+    c.model.attention_dropout_rate = 0.1
+    c.model.initializer_range = 0.02
+    c.model.layer_norm_eps = 1e-12
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.attention_impl = ""
+
+    c.data = ml_collections.ConfigDict()
+    folder = os.path.join(TASKS_DIR, task)
+    c.data.train_file = os.path.join(folder, preset["train_file"])
+    c.data.eval_file = os.path.join(folder, preset["eval_file"])
+    c.data.test_file = ""  # optional final evaluation (of the best checkpoint): test/<metric>
+    c.data.train_limit = 0  # 0 = every example; N = the first N (quick runs, benchmarks)
+    c.data.eval_limit = 0
+    c.data.tokenizer = ""  # without init_from: a SentencePiece model; with it, the checkpoint's
+    c.data.label_list = preset.get("label_list", "")  # comma-separated; '' for regression / QA
+    c.data.max_seq_length = 384 if qa else 128
+    c.data.doc_stride = 128  # QA: stride of the sliding windows over a long context
+    c.data.max_query_length = 64  # QA
+    c.data.max_answer_length = 30  # QA, in tokens
+    c.data.n_best_size = 20  # QA
+    c.data.reader = ml_collections.ConfigDict(
+        {k: v for k, v in preset.items() if k not in _TASK_KEYS and k != "label_list"}
+    )
+    c.data.reader.label_list = c.data.label_list
+
+    c.train = ml_collections.ConfigDict()
+    c.train.num_epochs = 3.0
+    c.train.num_steps = 0  # 0 = num_epochs over the training set
+    c.train.batch_size = 32
+    c.train.learning_rate = 1e-4 if variant in ("tiny", "mini") else 3e-5
+    c.train.warmup_fraction = 0.1
+    c.train.lr_decay = "linear"
+    c.train.lr_decay_power = 1.0
+    c.train.end_learning_rate = 0.0
+    c.train.optimizer = "adamw"
+    c.train.weight_decay = 0.01
+    c.train.adam_b1 = 0.9
+    c.train.adam_b2 = 0.999
+    c.train.adam_eps = 1e-6
+    c.train.max_grad_norm = 1.0
+    c.train.seed = 0
+    c.train.log_every = 50
+    c.train.nonfinite = "stop"  # stop | skip
+    c.train.max_consecutive_nonfinite = 10
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0  # 0 = every epoch
+    c.eval.batch_size = 64
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.strategy = "pjit"
+    c.parallel.data = -1
+    c.parallel.fsdp = 1
+    c.parallel.tensor = 1
+    c.parallel.rules = ""
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.keep = 1  # the latest, plus the best by main_metric
+    c.checkpoint.async_save = True
+    c.checkpoint.dir = ""
+    c.lock()
+    return c

@@ -1,0 +1,218 @@
+"""`flaxbert extract-features`: the feature-based use of a pre-trained encoder.
+
+Each input line (a text, or `TEXT_A ||| TEXT_B` for a pair) is encoded as [CLS] A [SEP]
+(B [SEP]) and run through the encoder of any flaxbert checkpoint (pre-training, fine-tuning,
+or converted). The hidden states of the chosen layers (-1 = the last; 0 = the embedding
+output) are concatenated per token and written as one float32 matrix `OUT.npy`, with
+`OUT.jsonl` saying, per input line, its token ids and pieces and which rows hold it:
+
+    per token (--pooling none): rows [start, end) of OUT.npy, one per token incl. [CLS]/[SEP]
+    pooled (--pooling cls|mean): one row per line, the [CLS] vector or the mean over tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+
+log = logging.getLogger("flaxbert")
+
+PAIR_SEPARATOR = " ||| "
+
+
+def read_lines(path: str) -> list[tuple[str, str | None]]:
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\n")
+            a, sep, b = line.partition(PAIR_SEPARATOR)
+            if not a.strip() or (sep and not b.strip()):
+                raise ValueError(
+                    f"{path}:{number}: empty text; every line must hold a text (or "
+                    f"'A{PAIR_SEPARATOR}B' for a pair). Remove the line or fill it in."
+                )
+            texts.append((a, b if sep else None))
+    if not texts:
+        raise ValueError(f"{path}: no lines to encode")
+    return texts
+
+
+def parse_layers(spec: str, num_layers: int) -> list[int]:
+    """'-1,-2' -> indices into (embedding output, layer 1, ..., layer L)."""
+    out = []
+    for part in spec.split(","):
+        try:
+            i = int(part)
+        except ValueError:
+            raise ValueError(f"--layers {spec!r}: {part!r} is not an integer") from None
+        j = i + num_layers + 1 if i < 0 else i
+        if not 0 <= j <= num_layers:
+            raise ValueError(
+                f"--layers {spec!r}: {i} is out of range for a {num_layers}-layer encoder "
+                f"(use -{num_layers + 1}..{num_layers}; -1 is the last layer, 0 the embeddings)"
+            )
+        out.append(j)
+    return out
+
+
+def extract_features(
+    checkpoint: str,
+    input_file: str,
+    output: str,
+    layers: str = "-1",
+    pooling: str = "none",
+    batch_size: int = 32,
+    max_seq_length: int = 0,
+) -> dict:
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from flaxbert import checkpoint as ckpt
+    from flaxbert.finetune_tasks import encode_pair
+    from flaxbert.model import BertConfig, BertModel
+    from flaxbert.tokenizer import Tokenizer
+
+    if pooling not in ("none", "cls", "mean"):
+        raise ValueError(f"--pooling {pooling!r}: choose none, cls or mean")
+    step_dir, meta = ckpt.read_meta(checkpoint)
+    model_values = meta.get("model") or meta["config"]["model"]
+    config = BertConfig.from_dict(
+        {**model_values, "hidden_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+    )
+    which = parse_layers(layers, config.num_layers)
+    max_seq_length = max_seq_length or min(128, config.max_position_embeddings)
+    if max_seq_length > config.max_position_embeddings:
+        raise ValueError(
+            f"--max-seq-length {max_seq_length} exceeds the model's "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
+    tokenizer_path = ckpt.tokenizer_of(checkpoint)
+    if not tokenizer_path:
+        raise ValueError(f"{step_dir} has no tokenizer (pre-trained on the synthetic corpus)")
+    tokenizer = Tokenizer.load(tokenizer_path)
+    texts = read_lines(input_file)
+
+    model = BertModel(config, add_pooler=False)
+    z = jnp.zeros((1, 8), jnp.int32)
+    abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), z, z, z))["params"]
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(abstract)
+    )
+    params = ckpt.restore_params(checkpoint, {"bert": abstract}, step_dir=step_dir)["bert"]
+
+    @jax.jit
+    def run(params, input_ids, input_mask, segment_ids):
+        out = model.apply(
+            {"params": params}, input_ids, input_mask, segment_ids, None, True, all_layers=True
+        )
+        h_BLX = jnp.concatenate([out.hidden_states[j] for j in which], axis=-1)
+        if pooling == "cls":
+            return h_BLX[:, 0]
+        if pooling == "mean":
+            m = input_mask[..., None].astype(h_BLX.dtype)
+            return jnp.sum(h_BLX * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
+        return h_BLX
+
+    start = time.perf_counter()
+    rows, index, n_rows, truncated = [], [], 0, 0
+    for b in range(0, len(texts), batch_size):
+        chunk = texts[b : b + batch_size]
+        ids_B = np.zeros((batch_size, max_seq_length), np.int32)
+        seg_B = np.zeros_like(ids_B)
+        encoded = []
+        for i, (a, pair) in enumerate(chunk):
+            ids, segs, cut = encode_pair(tokenizer, a, pair, max_seq_length)
+            truncated += cut
+            ids_B[i, : len(ids)], seg_B[i, : len(segs)] = ids, segs
+            encoded.append(ids)
+        lengths = np.zeros((batch_size, 1), np.int32)
+        lengths[: len(encoded), 0] = [len(e) for e in encoded]
+        mask_B = (np.arange(max_seq_length)[None] < lengths).astype(np.int32)
+        out = np.asarray(run(params, ids_B, mask_B, seg_B), np.float32)
+        for i, ids in enumerate(encoded):
+            vectors = out[i, : len(ids)] if pooling == "none" else out[i : i + 1]
+            rows.append(vectors)
+            index.append(
+                {
+                    "line": b + i + 1,
+                    "token_ids": [int(t) for t in ids],
+                    "tokens": [tokenizer.id_to_piece(t) for t in ids],
+                    "rows": [n_rows, n_rows + len(vectors)],
+                }
+            )
+            n_rows += len(vectors)
+    matrix = np.concatenate(rows)
+    base = output[:-4] if output.endswith(".npy") else output
+    os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
+    np.save(base + ".npy", matrix)
+    with open(base + ".jsonl", "w", encoding="utf-8") as f:
+        for row in index:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    summary = {
+        "lines": len(texts),
+        "rows": int(matrix.shape[0]),
+        "dim": int(matrix.shape[1]),
+        "layers": which,
+        "truncated": truncated,
+        "seconds": time.perf_counter() - start,
+        "npy": base + ".npy",
+        "index": base + ".jsonl",
+    }
+    log.info(
+        "extract-features: %d lines -> %s (%d x %d, layers %s of %s), index %s%s",
+        len(texts),
+        summary["npy"],
+        matrix.shape[0],
+        matrix.shape[1],
+        layers,
+        step_dir,
+        summary["index"],
+        f"; {truncated} lines truncated to {max_seq_length} tokens" if truncated else "",
+    )
+    return summary
+
+
+def add_extract_features_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "extract-features",
+        help="write per-token or pooled encoder vectors of a text file (.npy + .jsonl index)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--workdir", required=True, help="a flaxbert workdir, checkpoints/ or step dir")
+    p.add_argument("--input", required=True, help="UTF-8 text, one input per line")
+    p.add_argument("--output", required=True, help="OUT: writes OUT.npy and OUT.jsonl")
+    p.add_argument("--layers", default="-1", help="comma-separated, -1 = last (default -1)")
+    p.add_argument("--pooling", default="none", choices=("none", "cls", "mean"))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--max-seq-length", type=int, default=0, help="default: 128, or less if the model's is"
+    )
+    return p
+
+
+def run_extract_features(args) -> int:
+    from flaxbert.checkpoint import CheckpointNotFoundError
+
+    try:
+        extract_features(
+            args.workdir,
+            args.input,
+            args.output,
+            args.layers,
+            args.pooling,
+            args.batch_size,
+            args.max_seq_length,
+        )
+    except (ValueError, FileNotFoundError, CheckpointNotFoundError) as e:
+        print(f"flaxbert extract-features: error: {e}", file=sys.stderr)
+        return 2
+    return 0

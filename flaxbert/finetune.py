@@ -1,0 +1,555 @@
+"""Fine-tuning: restore the encoder of a pre-training checkpoint, initialise a fresh task head,
+train, evaluate, keep the best checkpoint, write predictions.
+
+`finetune(config, workdir)` runs any task kind (`flaxbert.finetune_tasks`) under the same
+strategies (`flaxbert.sharding`) and checkpoints (`flaxbert.checkpoint`) as pre-training:
+re-running the command on the same workdir resumes it. Without `config.init_from` the same
+command trains from random initialisation: the baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from flaxbert import checkpoint as ckpt
+from flaxbert.config import ConfigError, require
+from flaxbert.data import tasks
+from flaxbert.data.pretraining import prefetch
+from flaxbert.finetune_tasks import Features, make_kind, padded
+from flaxbert.model import STRUCTURAL_KEYS, BertConfig
+from flaxbert.monitor import MetricWriter, Progress
+from flaxbert.sharding import Parallel, make_parallel
+from flaxbert.tokenizer import Tokenizer
+from flaxbert.train import (
+    PreemptionWatch,
+    TrainState,
+    _nonfinite_message,
+    logical_dims,
+    make_optimizer,
+    skipped_updates,
+)
+
+log = logging.getLogger("flaxbert")
+
+# ------------------------------------------------------------------------------ set-up
+
+
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
+    """The checkpoint's tokenizer when fine-tuning from one; else `data.tokenizer`."""
+    own = config.data.tokenizer
+    if config.init_from:
+        path = ckpt.tokenizer_of(config.init_from)
+        if not path:
+            raise ConfigError(
+                f"config key init_from={config.init_from!r}: that checkpoint was pre-trained on "
+                "the embedded synthetic corpus and has no tokenizer, so it cannot read text"
+            )
+        if own and _sha256(own) != _sha256(path):
+            raise ConfigError(
+                f"config key data.tokenizer={own!r} differs from the tokenizer the checkpoint was "
+                f"trained with ({path}); leave data.tokenizer empty to use the checkpoint's"
+            )
+        return path
+    require(
+        bool(own),
+        "data.tokenizer",
+        own,
+        "is needed without init_from: a SentencePiece model (flaxbert train-tokenizer), "
+        "or set init_from=PRETRAINING_WORKDIR to use its encoder and tokenizer",
+    )
+    return own
+
+
+def model_config_for(config: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
+    values = config.model.to_dict()
+    if not values.get("vocab_size"):
+        values["vocab_size"] = vocab_size
+    require(
+        values["vocab_size"] == vocab_size,
+        "model.vocab_size",
+        values["vocab_size"],
+        f"does not match the tokenizer ({vocab_size} pieces); set it to 0 to follow the tokenizer",
+    )
+    if config.init_from:
+        step_dir, meta = ckpt.read_meta(config.init_from)
+        saved = meta.get("model") or meta.get("config", {}).get("model", {})
+        diff = [
+            f"model.{k}={values[k]} but the checkpoint has {saved[k]}"
+            for k in STRUCTURAL_KEYS
+            if k in saved and saved[k] != values[k]
+        ]
+        if diff:
+            raise ConfigError(
+                f"the config does not fit the checkpoint {step_dir}: " + "; ".join(diff) + ". "
+                "Pick the matching size (configs/finetune.py:TASK,VARIANT) or override these keys"
+            )
+    try:
+        return BertConfig.from_dict(values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def read_split(spec, path: str, limit: int, what: str):
+    if not path:
+        return None
+    if path.startswith("tfds:"):
+        result = tasks.read_tfds(path, spec, limit=limit or None)
+    else:
+        if not os.path.exists(path):
+            raise ConfigError(f"config key data.{what}_file={path!r}: no such file")
+        result = tasks.read_examples(spec, path, limit=limit or None)
+    if result.skipped:
+        shown = "; ".join(f"row {r}: {why}" for r, why in result.skipped[:5])
+        log.warning("%s: skipped %d bad rows (%s ...)", path, len(result.skipped), shown)
+    if not result.examples:
+        raise ConfigError(f"config key data.{what}_file={path!r}: no examples in it")
+    log.info("%s split: %d examples from %s", what, len(result.examples), path)
+    return result.examples
+
+
+@dataclasses.dataclass
+class FinetuneResult:
+    eval_metrics: dict[str, float]  # the last evaluation, keys eval/<metric>
+    best_metrics: dict[str, float]  # the evaluation of the best checkpoint
+    best_step: int
+    test_metrics: dict[str, float]
+    final_step: int
+    wall_time: float
+    train_examples_per_sec: float
+    restored_groups: list[str]
+    state: TrainState | None = None
+
+
+def make_finetune_step(model, kind, tx, schedule, axis_name: str | None = None):
+    """`train_step(state, batch, rng) -> (state, metrics)` for any kind: the loss is the
+    kind's summed loss over the global count (examples or labelled tokens), so pmap and pjit
+    give the single-device numbers."""
+
+    def global_sum(x):
+        return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+    def train_step(state: TrainState, batch, rng):
+        rng = jax.random.fold_in(rng, state.step)
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+        def loss_fn(params):
+            outputs = model.apply(
+                {"params": params},
+                batch["input_ids"],
+                batch["input_mask"],
+                batch["segment_ids"],
+                deterministic=False,
+                rngs={"dropout": rng},
+            )
+            sums = kind.loss_sums(outputs, batch)
+            denominator = jnp.maximum(global_sum(jax.lax.stop_gradient(sums["count"])), 1.0)
+            return sums["loss_sum"] / denominator, sums
+
+        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        grads, sums = global_sum((grads, sums))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": sums["loss_sum"] / jnp.maximum(sums["count"], 1.0),
+            "learning_rate": schedule(state.step),
+            "grad_norm": optax.tree.norm(grads),
+            "skipped_updates": skipped_updates(opt_state),
+        }
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def _optimizer_config(train: ml_collections.ConfigDict, num_steps: int):
+    t = ml_collections.ConfigDict(train.to_dict())
+    t.num_steps = num_steps
+    t.warmup_steps = int(round(train.warmup_fraction * num_steps))
+    return t
+
+
+# ------------------------------------------------------------------------------ the loop
+
+
+def finetune(
+    config: ml_collections.ConfigDict, workdir: str, parallel: Parallel | None = None
+) -> FinetuneResult:
+    jax.config.update("jax_threefry_partitionable", True)
+    d, t = config.data, config.train
+    spec = tasks.ReaderSpec.from_config(d.reader)
+    labels = [x for x in d.label_list.split(",") if x] if d.label_list else []
+    kind = make_kind(config.kind, labels, config.metrics)
+    tokenizer_path = resolve_tokenizer(config)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    model_config = model_config_for(config, tokenizer.vocab_size)
+    require(
+        d.max_seq_length <= model_config.max_position_embeddings,
+        "data.max_seq_length",
+        d.max_seq_length,
+        f"exceeds model.max_position_embeddings={model_config.max_position_embeddings}",
+    )
+    is_chief = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    config_dict = json.loads(config.to_json_best_effort())
+    if is_chief:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+    tokenizer_ref = ckpt.keep_tokenizer(workdir, tokenizer_path)
+
+    train_examples = read_split(spec, d.train_file, d.train_limit, "train")
+    eval_examples = read_split(spec, d.eval_file, d.eval_limit, "eval")
+    test_examples = read_split(spec, d.test_file, d.eval_limit, "test")
+    start = time.perf_counter()
+    train_f = kind.features(train_examples, tokenizer, d)
+    eval_f = kind.features(eval_examples, tokenizer, d)
+    test_f = kind.features(test_examples, tokenizer, d) if test_examples else None
+    for name, f in (("train", train_f), ("eval", eval_f), ("test", test_f)):
+        if f is not None and f.truncated:
+            log.warning(
+                "%s: %d examples longer than data.max_seq_length=%d were truncated",
+                name,
+                f.truncated,
+                d.max_seq_length,
+            )
+    log.info(
+        "features: %d train rows, %d eval rows (%.1fs)",
+        len(train_f),
+        len(eval_f),
+        time.perf_counter() - start,
+    )
+
+    n_train = len(train_f)
+    require(
+        n_train >= t.batch_size,
+        "train.batch_size",
+        t.batch_size,
+        f"is larger than the training set ({n_train} rows)",
+    )
+    steps_per_epoch = n_train // t.batch_size
+    num_steps = t.num_steps or int(math.ceil(t.num_epochs * steps_per_epoch))
+    eval_every = config.eval.every_steps or steps_per_epoch
+    dims = {**logical_dims(model_config), "classes": max(kind.num_labels, 2)}
+    parallel = parallel or make_parallel(
+        config.parallel, dims, t.batch_size, config.eval.batch_size
+    )
+    log.info("parallel: %s", parallel.description)
+    schedule, tx = make_optimizer(_optimizer_config(t, num_steps))
+    model = kind.model(model_config)
+    seq = d.max_seq_length
+
+    def init_fn(rng):
+        z = jnp.zeros((1, seq), jnp.int32)
+        params = nn.unbox(model.init(rng, z, jnp.ones_like(z), z)["params"])
+        return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
+
+    def boxed_specs():
+        z = jnp.zeros((1, seq), jnp.int32)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), z, jnp.ones_like(z), z))
+        return nn.get_partition_spec(boxed["params"])
+
+    logical_specs = boxed_specs()
+    abstract = parallel.abstract_state(init_fn, logical_specs, jax.random.key(0))
+
+    c = config.checkpoint
+    main = f"eval/{config.main_metric}"
+    checkpoints = ckpt.Checkpoints(
+        ckpt.checkpoint_directory(workdir, c),
+        keep=c.keep,
+        best_metric=main,
+        best_mode="max",
+        async_save=c.async_save,
+    )
+    rng = jax.random.key(t.seed)
+    init_rng, dropout_rng = jax.random.split(rng)
+    target = parallel.checkpoint_abstract(abstract)
+    restored = checkpoints.restore_latest(target.params, target.opt_state)
+    restored_groups: list[str] = []
+    if restored is not None:
+        start_step = restored.step
+        dropout_rng = ckpt.rng_from_json(restored.meta["rng"])
+        state = _placed(parallel, abstract, restored)
+        log.info("resuming fine-tuning from %s", checkpoints.step_dir(start_step))
+    else:
+        start_step = 0
+        state = parallel.create_state(init_fn, logical_specs, parallel.put_replicated(init_rng))
+        if config.init_from:
+            state, restored_groups = restore_encoder(
+                state, target.params, parallel, config.init_from, config.init_pooler
+            )
+        else:
+            log.info("no init_from: every parameter is freshly initialised (the baseline)")
+    dropout_rng_host = dropout_rng
+    dropout_rng = parallel.put_replicated(dropout_rng)
+
+    step_fn = parallel.train_step(
+        make_finetune_step(model, kind, tx, schedule, parallel.axis_name), state
+    )
+
+    def predict(params, batch):
+        out = model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["input_mask"],
+            batch["segment_ids"],
+            deterministic=True,
+        )
+        return kind.predict(out)
+
+    predict_fn = parallel.predict_step(predict, state)
+    eval_bs = config.eval.batch_size
+    eval_rows = parallel.local_rows(eval_bs)
+
+    def run_predictions(params, features: Features) -> np.ndarray:
+        arrays = padded(features.arrays, eval_bs)
+        outs = []
+        for i in range(0, len(arrays["input_ids"]), eval_bs):
+            batch = {
+                k: v[i : i + eval_bs][eval_rows.start : eval_rows.stop]
+                for k, v in arrays.items()
+                if k in ("input_ids", "input_mask", "segment_ids")
+            }
+            outs.append(np.asarray(predict_fn(params, batch)))
+        return np.concatenate(outs)
+
+    def evaluate(params, features: Features, prefix: str):
+        predictions = run_predictions(params, features)
+        kw = {"data": d} if config.kind == "qa" else {}
+        scores, rows = kind.evaluate(predictions, features, labels, **kw)
+        return {f"{prefix}/{k}": float(v) for k, v in scores.items()}, rows
+
+    train_rows = parallel.local_rows(t.batch_size)
+
+    def train_batch(step: int):
+        epoch, i = divmod(step, steps_per_epoch)
+        order = np.random.default_rng([t.seed, epoch]).permutation(n_train)
+        idx = order[i * t.batch_size : (i + 1) * t.batch_size][train_rows.start : train_rows.stop]
+        return {k: v[idx] for k, v in train_f.arrays.items()}
+
+    writer = MetricWriter(workdir, enabled=is_chief, resume_step=start_step)
+    progress = Progress(num_steps, first_step=start_step, enabled=is_chief)
+    log.info(
+        "fine-tuning %s: %d examples, %d steps (%.2f epochs of %d steps), batch %d",
+        config.task,
+        n_train,
+        num_steps,
+        num_steps / steps_per_epoch,
+        steps_per_epoch,
+        t.batch_size,
+    )
+    interval, last_eval, best = [], {}, {}
+    interval_start = time.perf_counter()
+    train_time, trained_steps = 0.0, 0
+    preemption = PreemptionWatch()
+    step = start_step
+    best_file = os.path.join(workdir, "best_eval_predictions.jsonl")
+    try:
+        pending = None
+        for step0, batch in prefetch(train_batch, range(start_step, num_steps), 4):
+            step = step0 + 1
+            t0 = time.perf_counter()
+            state, metrics = step_fn(state, parallel.put_batch(batch), dropout_rng)
+            if pending is not None:
+                _finish(pending, parallel, t, interval)
+            pending = (step, metrics)
+            at_eval = step == num_steps or step % eval_every == 0
+            preempted = preemption.reached(step)
+            if at_eval or preempted or step % t.log_every == 0:
+                _finish(pending, parallel, t, interval)
+                pending = None
+                jax.block_until_ready(state.step)
+            train_time += time.perf_counter() - t0
+            trained_steps += 1
+            if interval and (step % t.log_every == 0 or at_eval):
+                now = time.perf_counter()
+                mean = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+                mean["examples_per_sec"] = len(interval) * t.batch_size / (now - interval_start)
+                writer.write(step, mean)
+                progress.log(step, mean, keys=("loss",))
+                interval.clear()
+                interval_start = now
+            if at_eval:
+                eval_start = time.perf_counter()
+                last_eval, rows = evaluate(state.params, eval_f, "eval")
+                writer.write(step, last_eval)
+                if is_chief:
+                    log.info(
+                        "eval at step %d (epoch %.2f): %s",
+                        step,
+                        step / steps_per_epoch,
+                        ", ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()),
+                    )
+                    _write_jsonl(os.path.join(workdir, "eval_predictions.jsonl"), rows)
+                    if not best or last_eval[main] > best[main]:
+                        best = {**last_eval, "step": step}
+                        _write_jsonl(best_file, rows)
+                interval_start += time.perf_counter() - eval_start
+            if at_eval or preempted:
+                view = parallel.to_checkpoint(state)
+                meta = {
+                    "format": ckpt.FORMAT_VERSION,
+                    "step": step,
+                    "rng": ckpt.rng_to_json(dropout_rng_host),
+                    "data": {"position": step, "seed": t.seed, "global_batch": t.batch_size},
+                    "config": config_dict,
+                    "tokenizer": tokenizer_ref,
+                    "model": dataclasses.asdict(model_config),
+                    "task": config.task,
+                    "labels": labels,
+                }
+                checkpoints.save(
+                    step, view.params, view.opt_state, meta, last_eval if at_eval else None
+                )
+            if preempted:
+                log.warning("SIGTERM received: saved step %d; stopping", step)
+                break
+        if pending is not None:
+            _finish(pending, parallel, t, interval)
+        checkpoints.wait()
+        best_step = checkpoints.best_step() or step
+        test_metrics = {}
+        if test_f is not None:
+            params = state.params
+            if best_step != step:
+                params = _load_params(parallel, target.params, checkpoints.step_dir(best_step))
+            test_metrics, test_rows = evaluate(params, test_f, "test")
+            writer.write(step, test_metrics)
+            if is_chief:
+                _write_jsonl(os.path.join(workdir, "test_predictions.jsonl"), test_rows)
+                with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
+                    json.dump({"best_step": best_step, **test_metrics}, f, indent=2)
+                log.info("test (best checkpoint, step %d): %s", best_step, test_metrics)
+    finally:
+        preemption.close()
+        writer.close()
+        checkpoints.close()
+    wall = time.perf_counter() - start
+    speed = trained_steps * t.batch_size / train_time if train_time else 0.0
+    if is_chief:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump(
+                {
+                    "step": step,
+                    **last_eval,
+                    "best": best,
+                    "train_examples_per_sec": speed,
+                    "wall_time_s": wall,
+                },
+                f,
+                indent=2,
+            )
+        log.info(
+            "done: %d steps; best %s %.4f at step %s",
+            step,
+            main,
+            best.get(main, float("nan")),
+            best.get("step"),
+        )
+    return FinetuneResult(
+        eval_metrics=last_eval,
+        best_metrics=best,
+        best_step=best.get("step", step),
+        test_metrics=test_metrics,
+        final_step=step,
+        wall_time=wall,
+        train_examples_per_sec=speed,
+        restored_groups=restored_groups,
+        state=parallel.unreplicate(state),
+    )
+
+
+def _finish(pending, parallel, t, interval):
+    step, device_metrics = pending
+    metrics = parallel.fetch(device_metrics)
+    problem = _nonfinite_message(step, metrics)
+    if problem:
+        if t.nonfinite == "stop":
+            raise FloatingPointError(
+                f"{problem}; the update was not applied. Lower train.learning_rate or set "
+                "train.nonfinite=skip"
+            )
+        log.warning("%s: update skipped (%d so far)", problem, int(metrics["skipped_updates"]))
+        return
+    interval.append(metrics)
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _placed(parallel, abstract, restored):
+    target = parallel.checkpoint_abstract(abstract)
+    step = jax.make_array_from_process_local_data(
+        target.step.sharding, np.asarray(restored.step, np.int32)
+    )
+    return parallel.from_checkpoint(
+        TrainState(step=step, params=restored.params, opt_state=restored.opt_state)
+    )
+
+
+def _load_params(parallel, target_params, step_dir: str):
+    restored = ckpt.restore_params(step_dir, dict(target_params), step_dir=step_dir)
+    return parallel.from_checkpoint(restored)
+
+
+def restore_encoder(state, target_params, parallel, init_from: str, init_pooler: bool):
+    """Puts the checkpoint's encoder (`bert`: embeddings and layers, the pooler if asked and
+    present in both) into a freshly initialised state; logs what came from where."""
+    encoder = dict(target_params["bert"])
+    if not init_pooler:
+        encoder.pop("pooler", None)
+    step_dir, _ = ckpt.read_meta(init_from)
+    saved = ckpt.saved_param_groups(step_dir)
+    if "pooler" in encoder and "pooler" not in saved.get("bert", []):
+        encoder.pop("pooler")
+    restored = ckpt.restore_params(init_from, {"bert": encoder}, step_dir=step_dir)
+    placed = parallel.from_checkpoint(restored)["bert"]
+    params = dict(state.params)
+    params["bert"] = {**params["bert"], **placed}
+    restored_names = [f"bert/{k}" for k in sorted(placed)]
+    new = sorted(
+        [k for k in params if k != "bert"]
+        + [f"bert/{k}" for k in params["bert"] if k not in placed]
+    )
+    dropped = sorted(
+        [k for k in saved if k != "bert"]
+        + [f"bert/{k}" for k in saved.get("bert", []) if k not in placed]
+    )
+    log.info(
+        "restored from %s: %s; freshly initialised: %s; not used from the checkpoint: %s",
+        step_dir,
+        ", ".join(_compact(restored_names)),
+        ", ".join(new) or "nothing",
+        ", ".join(dropped) or "nothing",
+    )
+    return state.replace(params=params), restored_names
+
+
+def _compact(names: list[str]) -> list[str]:
+    """bert/layer_0 ... bert/layer_11 -> bert/layer_0..11."""
+    layers = sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("bert/layer_"))
+    rest = [n for n in names if not n.startswith("bert/layer_")]
+    if layers:
+        rest.append(f"bert/layer_{layers[0]}..{layers[-1]}")
+    return rest

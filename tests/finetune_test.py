@@ -1,0 +1,224 @@
+"""Fine-tuning: encoder restore, every head's loss and decoding, end-to-end runs on slices of
+the shared tasks, and feature extraction."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from shared_data import DATA, corpus_head
+
+from flaxbert import checkpoint as ckpt
+from flaxbert import finetune_tasks, train
+from flaxbert.config import ConfigError, load_config
+from flaxbert.features import extract_features
+from flaxbert.finetune import finetune
+from flaxbert.tokenizer import Tokenizer, train_tokenizer
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+SMALL_MODEL = [
+    "--config.model.hidden_size=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.intermediate_size=64",
+    "--config.model.max_position_embeddings=64",
+]
+
+
+def _tasks_dir():
+    tasks = DATA / "tasks"
+    if not tasks.exists():
+        pytest.skip(f"shared tasks are absent ({tasks})")
+    return tasks
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, repo_root):
+    """A pre-training workdir as `flaxbert pretrain` leaves it: a checkpoint of a tiny model
+    (random weights) whose meta names a real Korean+English SentencePiece model."""
+    tmp = tmp_path_factory.mktemp("pretrained")
+    ko = corpus_head("ko_nsmc_reviews.txt", 3000, tmp / "ko.txt")
+    en = corpus_head("en_gutenberg.txt", 1500, tmp / "en.txt")
+    sp = train_tokenizer(
+        [str(ko), str(en)], 1500, str(tmp / "sp"), max_sentences=8000, num_threads=1
+    )
+    vocab = Tokenizer.load(sp).vocab_size
+    config = load_config(
+        str(repo_root / "configs/pretrain.py") + ":tiny",
+        [*SMALL_MODEL, f"--config.model.vocab_size={vocab}", "--config.data.max_seq_length=64"],
+    )
+    model_config = train.validate_pretrain_config(config)
+    setup = train.setup_training(config, model_config)
+    state = setup.create_state(jax.random.key(3))
+    workdir = tmp / "run"
+    workdir.mkdir()
+    ref = ckpt.keep_tokenizer(str(workdir), sp)
+    view = setup.parallel.to_checkpoint(state)
+    c = ckpt.Checkpoints(workdir / "checkpoints")
+    meta = {
+        "step": 7,
+        "rng": [0, 1],
+        "config": json.loads(config.to_json_best_effort()),
+        "model": dataclasses.asdict(model_config),
+        "tokenizer": ref,
+    }
+    c.save(7, view.params, view.opt_state, meta)
+    c.close()
+    return workdir, jax.device_get(state.params)
+
+
+def _ft_config(repo_root, task, *extra):
+    return load_config(
+        str(repo_root / "configs/finetune.py") + f":{task},tiny",
+        [
+            *SMALL_MODEL,
+            "--config.data.max_seq_length=64",
+            "--config.train.batch_size=16",
+            "--config.eval.batch_size=16",
+            "--config.train.log_every=1",
+            *extra,
+        ],
+    )
+
+
+def test_restore_keeps_encoder_bit_identical_and_adds_a_fresh_head(repo_root, tmp_path, pretrained):
+    _tasks_dir()
+    workdir, saved = pretrained
+    config = _ft_config(
+        repo_root,
+        "nsmc",
+        f"--config.init_from={workdir}",
+        "--config.data.train_limit=32",
+        "--config.data.eval_limit=16",
+        "--config.train.num_steps=2",
+        "--config.train.learning_rate=0.0",  # AdamW moves nothing: what was restored stays
+        "--config.model.hidden_dropout_rate=0.0",
+    )
+    result = finetune(config, str(tmp_path / "ft"))
+    params = jax.device_get(result.state.params)
+    for a, b in zip(jax.tree.leaves(params["bert"]), jax.tree.leaves(saved["bert"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert params["classifier"]["kernel"].shape == (32, 2)
+    assert "bert/embeddings" in result.restored_groups and "bert/pooler" in result.restored_groups
+    assert sum(g.startswith("bert/layer_") for g in result.restored_groups) == 2
+
+
+def test_config_that_does_not_fit_the_checkpoint_is_named(repo_root, tmp_path, pretrained):
+    _tasks_dir()
+    workdir, _ = pretrained
+    config = _ft_config(repo_root, "nsmc", f"--config.init_from={workdir}")
+    config.unlock()
+    config.model.hidden_size = 64
+    config.model.num_layers = 3
+    with pytest.raises(ConfigError, match="model.hidden_size=64 but the checkpoint has 32"):
+        finetune(config, str(tmp_path / "ft"))
+
+
+@pytest.mark.parametrize(
+    "task, main",
+    [("nsmc", "accuracy"), ("stsb", "pearson"), ("klue_ner", "f1"), ("squad_v1", "f1")],
+)
+def test_finetune_end_to_end_on_a_slice(repo_root, tmp_path, pretrained, task, main):
+    _tasks_dir()
+    workdir, _ = pretrained
+    extra = ["--config.data.max_seq_length=64", "--config.data.doc_stride=32"]
+    if task == "squad_v1":
+        extra += ["--config.data.max_query_length=16"]
+    config = _ft_config(
+        repo_root,
+        task,
+        f"--config.init_from={workdir}",
+        "--config.data.train_limit=48",
+        "--config.data.eval_limit=16",
+        "--config.train.num_epochs=2",
+        *extra,
+    )
+    out = tmp_path / "ft"
+    result = finetune(config, str(out))
+    assert f"eval/{main}" in result.best_metrics
+    assert np.isfinite(result.best_metrics[f"eval/{main}"])
+    rows = [json.loads(x) for x in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 16
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in m and np.isfinite(m["loss"]) for m in metrics)
+    assert (out / "checkpoints").is_dir() and result.train_examples_per_sec > 0
+
+
+def test_sequence_heads_losses_and_predictions():
+    kind = finetune_tasks.SequenceKind(3, False, "accuracy")
+    logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
+    batch = {"labels": jnp.array([0, 1]), "weight": jnp.array([1.0, 0.0])}
+    sums = kind.loss_sums(logits, batch)
+    # Only row 0 counts: -log softmax([2, 0, 0])[0] = log(e^2 + 2) - 2
+    np.testing.assert_allclose(sums["loss_sum"], np.log(np.exp(2) + 2) - 2, rtol=1e-6)
+    assert float(sums["count"]) == 1.0
+    assert kind.predict(logits).tolist() == [0, 2]
+
+    reg = finetune_tasks.SequenceKind(1, True, "pearson_spearman")
+    sums = reg.loss_sums(
+        jnp.array([[1.5], [0.0]]),
+        {"labels": jnp.array([1.0, 2.0]), "weight": jnp.array([1.0, 1.0])},
+    )
+    np.testing.assert_allclose(sums["loss_sum"], 0.25 + 4.0)
+
+
+def test_token_and_qa_losses_ignore_what_has_no_label():
+    kind = finetune_tasks.TokenKind(["O", "B-PER", "I-PER"])
+    logits = jnp.zeros((1, 4, 3))
+    batch = {
+        "label_ids": jnp.array([[finetune_tasks.IGNORE, 1, finetune_tasks.IGNORE, 0]]),
+        "weight": jnp.array([1.0]),
+    }
+    sums = kind.loss_sums(logits, batch)
+    np.testing.assert_allclose(sums["loss_sum"], 2 * np.log(3), rtol=1e-6)
+    assert float(sums["count"]) == 2
+
+    qa = finetune_tasks.QAKind()
+    start = jnp.array([[0.0, 10.0, 0.0]])
+    end = jnp.array([[0.0, 0.0, 10.0]])
+    sums = qa.loss_sums(
+        (start, end),
+        {
+            "start_positions": jnp.array([1]),
+            "end_positions": jnp.array([2]),
+            "weight": jnp.array([1.0]),
+        },
+    )
+    assert float(sums["loss_sum"]) < 1e-3
+    assert qa.predict((start, end)).shape == (1, 3, 2)
+
+
+def test_extract_features_per_token_and_pooled(tmp_path, pretrained):
+    workdir, saved = pretrained
+    text = tmp_path / "in.txt"
+    text.write_text("영화가 정말 재미있었다\nIt was a dark night. ||| The end.\n", encoding="utf-8")
+    s = extract_features(str(workdir), str(text), str(tmp_path / "out"), layers="-1,-2")
+    matrix = np.load(tmp_path / "out.npy")
+    index = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert matrix.shape == (s["rows"], 64) and len(index) == 2
+    assert index[1]["rows"][0] == index[0]["rows"][1] == len(index[0]["token_ids"])
+    assert index[1]["token_ids"].count(3) == 2  # a pair: [SEP] after each segment
+    # The last layer's vectors equal the encoder's own output.
+    from flaxbert.model import BertConfig, BertModel
+
+    meta = ckpt.read_meta(str(workdir))[1]
+    model = BertModel(BertConfig.from_dict(meta["model"]), add_pooler=False)
+    ids = jnp.asarray([index[0]["token_ids"]])
+    params = {k: v for k, v in saved["bert"].items() if k != "pooler"}
+    out = model.apply({"params": params}, ids, jnp.ones_like(ids), jnp.zeros_like(ids))
+    a, b = index[0]["rows"]
+    np.testing.assert_allclose(matrix[a:b, :32], np.asarray(out.sequence_BLD[0]), atol=2e-5)
+
+    pooled = extract_features(
+        str(workdir), str(text), str(tmp_path / "cls"), layers="-1", pooling="cls"
+    )
+    assert np.load(tmp_path / "cls.npy").shape == (2, 32) and pooled["rows"] == 2
+    with pytest.raises(ValueError, match="out of range"):
+        extract_features(str(workdir), str(text), str(tmp_path / "x"), layers="-4")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("fine\n\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"bad.txt:2: empty text"):
+        extract_features(str(workdir), str(bad), str(tmp_path / "x"))
