@@ -90,6 +90,7 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
         {k: v for k, v in preset.items() if k not in _TASK_KEYS and k != "label_list"}
     )
     c.data.reader.label_list = c.data.label_list
+    c.data.reader.skip_bad_rows = False  # True: bad rows are counted and reported, not fatal
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 3.0

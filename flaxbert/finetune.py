@@ -375,8 +375,9 @@ def finetune(
                 _finish(pending, parallel, t, interval)
                 pending = None
                 jax.block_until_ready(state.step)
-            train_time += time.perf_counter() - t0
-            trained_steps += 1
+            if step > start_step + 1:  # the first step compiles
+                train_time += time.perf_counter() - t0
+                trained_steps += 1
             if interval and (step % t.log_every == 0 or at_eval):
                 now = time.perf_counter()
                 mean = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
