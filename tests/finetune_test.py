@@ -222,3 +222,52 @@ def test_extract_features_per_token_and_pooled(tmp_path, pretrained):
     bad.write_text("fine\n\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"bad.txt:2: empty text"):
         extract_features(str(workdir), str(bad), str(tmp_path / "x"))
+
+
+def test_cli_finetune_without_encoder_or_tokenizer_says_what_to_do(repo_root, tmp_path, capsys):
+    from flaxbert import cli
+
+    code = cli.main(
+        [
+            "finetune",
+            "--config",
+            str(repo_root / "configs/finetune.py") + ":sst2",
+            "--workdir",
+            str(tmp_path),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "data.tokenizer" in err and "init_from" in err
+
+
+def test_pmap_and_sharded_meshes_train_like_data_parallel(repo_root, tmp_path, pretrained):
+    _tasks_dir()
+    workdir, _ = pretrained
+    finals = {}
+    for name, extra in {
+        "data8": [],
+        "pmap": ["--config.parallel.strategy=pmap"],
+        "2x2x2": [
+            "--config.parallel.data=2",
+            "--config.parallel.fsdp=2",
+            "--config.parallel.tensor=2",
+        ],
+    }.items():
+        config = _ft_config(
+            repo_root,
+            "nsmc",
+            f"--config.init_from={workdir}",
+            "--config.data.train_limit=32",
+            "--config.data.eval_limit=16",
+            "--config.train.num_steps=3",
+            "--config.model.hidden_dropout_rate=0.0",
+            "--config.model.attention_dropout_rate=0.0",
+            *extra,
+        )
+        finals[name] = jax.device_get(finetune(config, str(tmp_path / name)).state.params)
+    for name in ("pmap", "2x2x2"):
+        for a, b in zip(
+            jax.tree.leaves(finals[name]), jax.tree.leaves(finals["data8"]), strict=True
+        ):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name)
