@@ -17,6 +17,8 @@ CFG = BertConfig(
     attention_dropout_rate=0.0,
 )
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def _inputs(b=3, length=16, p=4, seed=0):
     rng = np.random.default_rng(seed)

@@ -39,7 +39,8 @@ def _start(repo_root, workdir, *extra):
     return subprocess.Popen(
         [sys.executable, "-m", "flaxbert.cli", *ARGS, "--workdir", str(workdir), *extra],
         cwd=repo_root,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        # XLA's optimisations off: compiling dominates these short runs (both runs alike).
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "JAX_DISABLE_MOST_OPTIMIZATIONS": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

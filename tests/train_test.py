@@ -12,6 +12,8 @@ from flaxbert.model import BertConfig, BertForPreTraining
 
 SEQ, PRED = 32, 5
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 
 def _setup(repo_root, optimizer="adamw", dropout=0.0, **train_overrides):
     config = load_config(
