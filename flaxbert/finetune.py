@@ -40,6 +40,7 @@ from flaxbert.train import (
     logical_dims,
     make_optimizer,
     skipped_updates,
+    write_run_config,
 )
 
 log = logging.getLogger("flaxbert")
@@ -138,6 +139,17 @@ class FinetuneResult:
     state: TrainState | None = None
 
 
+def apply_task_model(model, params, batch, deterministic: bool, rng=None):
+    return model.apply(
+        {"params": params},
+        batch["input_ids"],
+        batch["input_mask"],
+        batch["segment_ids"],
+        deterministic=deterministic,
+        rngs={"dropout": rng} if rng is not None else None,
+    )
+
+
 def make_finetune_step(model, kind, tx, schedule, axis_name: str | None = None):
     """`train_step(state, batch, rng) -> (state, metrics)` for any kind: the loss is the
     kind's summed loss over the global count (examples or labelled tokens), so pmap and pjit
@@ -152,14 +164,7 @@ def make_finetune_step(model, kind, tx, schedule, axis_name: str | None = None):
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
 
         def loss_fn(params):
-            outputs = model.apply(
-                {"params": params},
-                batch["input_ids"],
-                batch["input_mask"],
-                batch["segment_ids"],
-                deterministic=False,
-                rngs={"dropout": rng},
-            )
+            outputs = apply_task_model(model, params, batch, deterministic=False, rng=rng)
             sums = kind.loss_sums(outputs, batch)
             denominator = jnp.maximum(global_sum(jax.lax.stop_gradient(sums["count"])), 1.0)
             return sums["loss_sum"] / denominator, sums
@@ -207,11 +212,7 @@ def finetune(
         f"exceeds model.max_position_embeddings={model_config.max_position_embeddings}",
     )
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    config_dict = json.loads(config.to_json_best_effort())
-    if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
+    config_dict = write_run_config(config, workdir)
     tokenizer_ref = ckpt.keep_tokenizer(workdir, tokenizer_path)
 
     train_examples = read_split(spec, d.train_file, d.train_limit, "train")
@@ -304,14 +305,7 @@ def finetune(
     )
 
     def predict(params, batch):
-        out = model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["input_mask"],
-            batch["segment_ids"],
-            deterministic=True,
-        )
-        return kind.predict(out)
+        return kind.predict(apply_task_model(model, params, batch, deterministic=True))
 
     predict_fn = parallel.predict_step(predict, state)
     eval_bs = config.eval.batch_size

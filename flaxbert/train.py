@@ -471,6 +471,15 @@ def validate_checkpoint_config(c: ml_collections.ConfigDict, eval_every: int) ->
         )
 
 
+def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Creates the workdir, writes config.json (process 0) and returns the config as a dict."""
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2) + "\n")
+    return json.loads(config.to_json_best_effort())
+
+
 def _nonfinite_message(step: int, metrics: dict[str, float]) -> str | None:
     bad = [k for k in ("loss", "grad_norm") if not math.isfinite(metrics[k])]
     return f"non-finite {' and '.join(bad)} at step {step}" if bad else None
@@ -591,11 +600,7 @@ def pretrain(
     inst = instance_config(d, corpus.vocab_size)
     t = config.train
     is_chief = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
-    config_dict = json.loads(config.to_json_best_effort())
-    if is_chief:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
+    config_dict = write_run_config(config, workdir)
     log.info("data: %s", corpus.description)
     tokenizer_ref = ckpt.keep_tokenizer(workdir, corpus.tokenizer_path)
 
