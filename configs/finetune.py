@@ -19,6 +19,7 @@ Expect: see the README's "Does pre-training pay?" table for measured NSMC and SS
 import os
 
 import ml_collections
+
 from flaxbert.data.tasks import TASK_PRESETS
 
 VARIANTS = {  # name: (layers, hidden, heads), as configs/pretrain.py
@@ -71,6 +72,8 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
     c.model.attention_impl = ""
+    c.model.remat = ""  # '' | full | dots (activation checkpointing)
+    c.model.scan_layers = False  # must match the checkpoint's layout (see README)
 
     c.data = ml_collections.ConfigDict()
     folder = os.path.join(TASKS_DIR, task)
@@ -86,6 +89,10 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.data.max_query_length = 64  # QA
     c.data.max_answer_length = 30  # QA, in tokens
     c.data.n_best_size = 20  # QA
+    # Sequence packing of training batches ([CLS] tasks): several examples per row, each
+    # attending only to itself; train.batch_size then counts rows. Evaluation is unpacked.
+    c.data.packing = False
+    c.data.max_pairs_per_row = 4
     c.data.reader = ml_collections.ConfigDict(
         {k: v for k, v in preset.items() if k not in _TASK_KEYS and k != "label_list"}
     )

@@ -64,9 +64,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.attention_dropout_rate = 0.1
     c.model.initializer_range = 0.02
     c.model.layer_norm_eps = 1e-12
-    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16
+    c.model.dtype = "float32"  # compute dtype: float32 | bfloat16 | auto (bf16 on GPU/TPU)
     c.model.param_dtype = "float32"
     c.model.attention_impl = ""  # '' = best available; 'xla' | 'cudnn' to force one
+    c.model.remat = ""  # '' | full | dots: recompute each block's activations in the backward
+    c.model.scan_layers = False  # one nn.scan over the layers: flat compile time in depth
 
     c.data = ml_collections.ConfigDict()
     # '' = the embedded synthetic corpus; else a text file or glob (BERT format: a sentence or
@@ -94,6 +96,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.masking = "dynamic"  # dynamic (fresh masks every step) | static (original recipe)
     c.data.dupe_factor = 10  # static masking: masked copies of each instance
     c.data.prefetch = 4  # batches built ahead on a host thread
+    # Sequence packing: several pairs per row (block-diagonal attention, positions and [CLS]
+    # per pair), so short pairs do not pay for padding. Each row is filled until fewer than 16
+    # positions or no pair slot is left; evaluation batches stay unpacked.
+    c.data.packing = False
+    c.data.max_pairs_per_row = 4
 
     c.train = ml_collections.ConfigDict()
     c.train.num_steps = 1000 if small else 100_000

@@ -11,7 +11,7 @@ from flaxbert.config import ConfigError, load_config
 log = logging.getLogger("flaxbert")
 
 
-def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
     """Separates `--config.KEY=VALUE` / `--config.KEY VALUE` from the command's own flags."""
     rest, overrides, i = [], [], 0
     while i < len(argv):
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = _split_config_overrides(argv)
+    rest, overrides = split_config_overrides(argv)
     args = build_parser().parse_args(rest)
     logging.basicConfig(
         level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True

@@ -28,7 +28,7 @@ from flaxbert import checkpoint as ckpt
 from flaxbert.config import ConfigError, require
 from flaxbert.data import tasks
 from flaxbert.data.pretraining import prefetch
-from flaxbert.finetune_tasks import Features, make_kind, padded
+from flaxbert.finetune_tasks import Features, PackedEpochs, make_kind, padded
 from flaxbert.model import STRUCTURAL_KEYS, BertConfig
 from flaxbert.monitor import MetricWriter, Progress
 from flaxbert.sharding import Parallel, make_parallel
@@ -97,6 +97,12 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int) -> Bert
             for k in STRUCTURAL_KEYS
             if k in saved and saved[k] != values[k]
         ]
+        # The layers' layout: one stacked (scanned) tree or one tree per layer.
+        if bool(saved.get("scan_layers", False)) != bool(values.get("scan_layers", False)):
+            diff.append(
+                f"model.scan_layers={values.get('scan_layers', False)} but the checkpoint has "
+                f"{saved.get('scan_layers', False)} (its layers are stored in that layout)"
+            )
         if diff:
             raise ConfigError(
                 f"the config does not fit the checkpoint {step_dir}: " + "; ".join(diff) + ". "
@@ -140,6 +146,7 @@ class FinetuneResult:
 
 
 def apply_task_model(model, params, batch, deterministic: bool, rng=None):
+    packed = {k: batch[k] for k in ("position_ids", "cls_positions") if k in batch}
     return model.apply(
         {"params": params},
         batch["input_ids"],
@@ -147,6 +154,7 @@ def apply_task_model(model, params, batch, deterministic: bool, rng=None):
         batch["segment_ids"],
         deterministic=deterministic,
         rngs={"dropout": rng} if rng is not None else None,
+        **packed,  # packed rows ([CLS] tasks with data.packing)
     )
 
 
@@ -244,8 +252,30 @@ def finetune(
         t.batch_size,
         f"is larger than the training set ({n_train} rows)",
     )
-    steps_per_epoch = n_train // t.batch_size
-    num_steps = t.num_steps or int(math.ceil(t.num_epochs * steps_per_epoch))
+    packed_epochs = None
+    if d.packing:
+        require(
+            config.kind in ("classification", "regression"),
+            "data.packing",
+            d.packing,
+            f"is for [CLS] tasks (classification, regression), not {config.kind}",
+        )
+        require(d.max_pairs_per_row >= 1, "data.max_pairs_per_row", d.max_pairs_per_row, ">= 1")
+        packed_epochs = PackedEpochs(
+            train_f.arrays, t.batch_size, d.max_seq_length, d.max_pairs_per_row, t.seed
+        )
+        steps_per_epoch = len(packed_epochs.plan(0))
+        num_steps = t.num_steps or packed_epochs.steps_for(t.num_epochs)
+        log.info(
+            "packing: %d examples in %d batches of %d rows (%.2f examples a row)",
+            n_train,
+            steps_per_epoch,
+            t.batch_size,
+            n_train / (steps_per_epoch * t.batch_size),
+        )
+    else:
+        steps_per_epoch = n_train // t.batch_size
+        num_steps = t.num_steps or int(math.ceil(t.num_epochs * steps_per_epoch))
     eval_every = config.eval.every_steps or steps_per_epoch
     dims = {**logical_dims(model_config), "classes": max(kind.num_labels, 2)}
     parallel = parallel or make_parallel(
@@ -332,6 +362,9 @@ def finetune(
     train_rows = parallel.local_rows(t.batch_size)
 
     def train_batch(step: int):
+        if packed_epochs is not None:
+            rows = packed_epochs.batch(step)
+            return {k: v[train_rows.start : train_rows.stop] for k, v in rows.items()}
         epoch, i = divmod(step, steps_per_epoch)
         order = np.random.default_rng([t.seed, epoch]).permutation(n_train)
         idx = order[i * t.batch_size : (i + 1) * t.batch_size][train_rows.start : train_rows.stop]
@@ -350,16 +383,29 @@ def finetune(
     )
     interval, last_eval, best = [], {}, {}
     interval_start = time.perf_counter()
-    train_time, trained_steps = 0.0, 0
+    train_time, trained_examples, interval_examples = 0.0, 0, 0
     preemption = PreemptionWatch()
     step = start_step
     best_file = os.path.join(workdir, "best_eval_predictions.jsonl")
     try:
         pending = None
-        for step0, batch in prefetch(train_batch, range(start_step, num_steps), 4):
+
+        def device_batch(step):
+            # Built and copied to the devices on the prefetch thread, ahead of its step. Packed
+            # rows hold a variable number of examples: count them (all processes).
+            host = train_batch(step)
+            examples = (
+                np.count_nonzero(host["weight"]) * jax.process_count()
+                if packed_epochs is not None
+                else t.batch_size
+            )
+            return parallel.put_batch(host), examples
+
+        for step0, (batch, examples) in prefetch(device_batch, range(start_step, num_steps), 4):
             step = step0 + 1
             t0 = time.perf_counter()
-            state, metrics = step_fn(state, parallel.put_batch(batch), dropout_rng)
+            state, metrics = step_fn(state, batch, dropout_rng)
+            interval_examples += examples
             if pending is not None:
                 _finish(pending, parallel, t, interval)
             pending = (step, metrics)
@@ -371,11 +417,12 @@ def finetune(
                 jax.block_until_ready(state.step)
             if step > start_step + 1:  # the first step compiles
                 train_time += time.perf_counter() - t0
-                trained_steps += 1
+                trained_examples += examples
             if interval and (step % t.log_every == 0 or at_eval):
                 now = time.perf_counter()
                 mean = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-                mean["examples_per_sec"] = len(interval) * t.batch_size / (now - interval_start)
+                mean["examples_per_sec"] = interval_examples / (now - interval_start)
+                interval_examples = 0
                 writer.write(step, mean)
                 progress.log(step, mean, keys=("loss",))
                 interval.clear()
@@ -436,7 +483,7 @@ def finetune(
         writer.close()
         checkpoints.close()
     wall = time.perf_counter() - start
-    speed = trained_steps * t.batch_size / train_time if train_time else 0.0
+    speed = trained_examples / train_time if train_time else 0.0
     if is_chief:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(

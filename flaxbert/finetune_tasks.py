@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from flaxbert import metrics as metrics_lib
+from flaxbert.data.pretraining import PackedRows, fill_packed, plan_packing
 from flaxbert.data.token_labels import IGNORE_INDEX as IGNORE
 from flaxbert.model import (
     BertConfig,
@@ -128,9 +129,10 @@ class SequenceKind:
         return Features(arrays, list(examples), truncated=truncated)
 
     def loss_sums(self, outputs, batch):
+        # Packed rows: outputs (B, K, C) and labels / weights (B, K), a slot per pair.
         w = batch["weight"]
         if self.regression:
-            losses = jnp.square(outputs[:, 0] - batch["labels"])
+            losses = jnp.square(outputs[..., 0] - batch["labels"])
         else:
             losses = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["labels"])
         return {"loss_sum": jnp.sum(losses * w), "count": jnp.sum(w)}
@@ -297,3 +299,67 @@ def dummy_inputs(seq_len: int):
 
 def num_params(tree) -> int:
     return sum(x.size for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------------------------ packing
+
+
+class PackedEpochs:
+    """Training batches of packed rows (`data.packing`, [CLS] tasks): each epoch visits the
+    examples in a fresh order (seeded by (seed, epoch)) and packs them, in that order, into
+    batches of `batch_size` rows (`flaxbert.data.pretraining.plan_packing`). Epochs differ a
+    little in length; a step's batch is a pure function of (seed, step), so resuming needs
+    only the step."""
+
+    def __init__(self, arrays, batch_size: int, seq_len: int, max_pairs: int, seed: int):
+        self.arrays = arrays
+        self.lengths = arrays["input_mask"].sum(1)
+        self.batch_size, self.seq_len, self.max_pairs, self.seed = (
+            batch_size,
+            seq_len,
+            max_pairs,
+            seed,
+        )
+        self._plans: list[list[np.ndarray]] = []
+        self._first_step = [0]  # first step of each planned epoch
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """(example index, row) placements of each batch of `epoch`."""
+        while len(self._plans) <= epoch:
+            e = len(self._plans)
+            order = np.random.default_rng([self.seed, e]).permutation(len(self.lengths))
+            batches = plan_packing(
+                self.lengths[order], self.batch_size, self.seq_len, self.max_pairs
+            )
+            self._plans.append([np.stack([order[b[:, 0]], b[:, 1]], 1) for b in batches])
+            self._first_step.append(self._first_step[-1] + len(batches))
+        return self._plans[epoch]
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within it) of a global step (0-based)."""
+        while self._first_step[-1] <= step:
+            self.plan(len(self._plans))
+        epoch = int(np.searchsorted(self._first_step, step, side="right")) - 1
+        return epoch, step - self._first_step[epoch]
+
+    def steps_for(self, num_epochs: float) -> int:
+        """Steps that cover `num_epochs` epochs (the last one pro rata)."""
+        whole = int(num_epochs)
+        steps = sum(len(self.plan(e)) for e in range(whole))
+        if num_epochs > whole:
+            steps += int(np.ceil((num_epochs - whole) * len(self.plan(whole))))
+        return steps
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        epoch, i = self.locate(step)
+        placement = self.plan(epoch)[i]
+        a = self.arrays
+        packed = PackedRows(
+            self.batch_size,
+            self.seq_len,
+            self.max_pairs,
+            pair_keys=("labels", "weight"),
+            pair_dtypes={"labels": a["labels"].dtype, "weight": np.float32},
+        )
+        keys = ("input_ids", "input_mask", "segment_ids", "labels", "weight")
+        return fill_packed({k: a[k] for k in keys}, placement, packed).arrays

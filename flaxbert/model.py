@@ -22,6 +22,14 @@ import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("", "xla", "cudnn")
+# Activation checkpointing of each transformer block: '' keeps every activation for the
+# backward pass; 'full' keeps only the block's input and recomputes the rest; 'dots' keeps the
+# matmul outputs (no batch dims) and recomputes the cheap element-wise work.
+_REMAT_POLICIES = {
+    "": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 # The keys that fix the parameters' shapes: a checkpoint fits a config when they agree.
@@ -51,9 +59,13 @@ class BertConfig:
     attention_dropout_rate: float = 0.1
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
-    dtype: str = "float32"  # compute dtype
+    # Compute dtype: 'auto' is bfloat16 on GPU/TPU and float32 on CPU (where bfloat16 matmuls
+    # are slower). Parameters and optimizer state stay in `param_dtype`.
+    dtype: str = "float32"
     param_dtype: str = "float32"
     attention_impl: str = ""  # '' picks the best for the platform; 'xla' or 'cudnn' force one
+    remat: str = ""  # '' | 'full' | 'dots': activation checkpointing of each block
+    scan_layers: bool = False  # one scanned block (parameters stacked on a `layers` axis)
 
     def __post_init__(self):
         def bad(key, why):
@@ -67,11 +79,17 @@ class BertConfig:
         for key in ("hidden_dropout_rate", "attention_dropout_rate"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 bad(key, "must be in [0, 1)")
-        for key in ("dtype", "param_dtype"):
-            if getattr(self, key) not in _DTYPES:
-                bad(key, f"must be one of {', '.join(_DTYPES)}")
+        if self.dtype not in _DTYPES + ("auto",):
+            bad("dtype", f"must be one of auto, {', '.join(_DTYPES)}")
+        if self.param_dtype not in _DTYPES:
+            bad("param_dtype", f"must be one of {', '.join(_DTYPES)}")
         if self.attention_impl not in _ATTENTION_IMPLS:
             bad("attention_impl", "must be '', 'xla' or 'cudnn'")
+        if self.remat not in _REMAT_POLICIES:
+            bad("remat", "must be '' (off), 'full' or 'dots'")
+        if self.dtype == "auto":  # resolved once, so every module sees the same dtype
+            backend = jax.default_backend()
+            object.__setattr__(self, "dtype", "float32" if backend == "cpu" else "bfloat16")
 
     @property
     def head_dim(self) -> int:
@@ -190,7 +208,9 @@ class SelfAttention(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x_BLD, mask_BL, deterministic: bool):
+    def __call__(self, x_BLD, mask_B1QL, deterministic: bool):
+        """`mask_B1QL` (bool): which keys each query may see; Q is 1 (padding only: the same
+        keys for every query) or L (packed rows: each pair sees only itself)."""
         cfg = self.config
         n, h = cfg.num_heads, cfg.head_dim
 
@@ -208,18 +228,16 @@ class SelfAttention(nn.Module):
         q_BLNH = nn.with_logical_constraint(project("query")(x_BLD), qkv_axes)
         k_BLNH = nn.with_logical_constraint(project("key")(x_BLD), qkv_axes)
         v_BLNH = nn.with_logical_constraint(project("value")(x_BLD), qkv_axes)
-        mask_B11L = mask_BL[:, None, None, :].astype(bool)
-
         if deterministic or cfg.attention_dropout_rate == 0.0:
             impl = cfg.attention_impl or None
             out_BLNH = jax.nn.dot_product_attention(
-                q_BLNH, k_BLNH, v_BLNH, mask=mask_B11L, implementation=impl
+                q_BLNH, k_BLNH, v_BLNH, mask=mask_B1QL, implementation=impl
             )
         else:
             # Dropout on the attention probabilities needs them materialised, which the fused
             # kernel never does; set model.attention_dropout_rate=0 to train on the fused path.
             scores_BNLL = jnp.einsum("blnh,bmnh->bnlm", q_BLNH, k_BLNH).astype(jnp.float32)
-            scores_BNLL = jnp.where(mask_B11L, scores_BNLL * h**-0.5, jnp.finfo(jnp.float32).min)
+            scores_BNLL = jnp.where(mask_B1QL, scores_BNLL * h**-0.5, jnp.finfo(jnp.float32).min)
             probs_BNLL = jax.nn.softmax(scores_BNLL, axis=-1).astype(cfg.dtype)
             probs_BNLL = nn.Dropout(cfg.attention_dropout_rate)(probs_BNLL, deterministic=False)
             out_BLNH = jnp.einsum("bnlm,bmnh->blnh", probs_BNLL, v_BLNH)
@@ -242,10 +260,10 @@ class TransformerLayer(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, x_BLD, mask_BL, deterministic: bool):
+    def __call__(self, x_BLD, mask_B1QL, deterministic: bool):
         cfg = self.config
         act_axes = ("batch", "length", "embed")
-        attn_BLD = SelfAttention(cfg, name="attention")(x_BLD, mask_BL, deterministic)
+        attn_BLD = SelfAttention(cfg, name="attention")(x_BLD, mask_B1QL, deterministic)
         attn_BLD = nn.Dropout(cfg.hidden_dropout_rate)(attn_BLD, deterministic=deterministic)
         x_BLD = _layer_norm(cfg, "attention_layer_norm")(x_BLD + attn_BLD)
         x_BLD = nn.with_logical_constraint(x_BLD, act_axes)
@@ -262,16 +280,55 @@ class TransformerLayer(nn.Module):
 @flax.struct.dataclass
 class EncoderOutput:
     sequence_BLD: jax.Array
+    # The pooled [CLS] vector: (B, D), or (B, K, D) for packed rows (one per pair).
     pooled_BD: jax.Array | None
     # With `all_layers=True`: the embedding output then each layer's, (L+1) x (B, L, D).
     hidden_states: tuple[jax.Array, ...] | None = None
+
+
+def attention_mask(input_mask_BL, packed: bool) -> jax.Array:
+    """Which keys each query attends to, as `jax.nn.dot_product_attention` takes it.
+
+    Unpacked rows: `input_mask` is 1 on real tokens; every query sees every real key (B,1,1,L).
+    Packed rows (sequence packing): `input_mask` holds the pair's number 1..K on its tokens and
+    0 on padding; the mask is block-diagonal (B,1,L,L), so no pair sees another. Padding
+    queries see all real keys (their outputs are never used; no row is fully masked).
+    """
+    if not packed:
+        return (input_mask_BL > 0)[:, None, None, :]
+    q_BL1, k_B1L = input_mask_BL[:, :, None], input_mask_BL[:, None, :]
+    mask_BLL = ((q_BL1 == k_B1L) | (q_BL1 == 0)) & (k_B1L > 0)
+    return mask_BLL[:, None]
+
+
+class _ScannedLayer(nn.Module):
+    """A transformer block in the (carry, xs) -> (carry, ys) form `nn.scan` wants."""
+
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x_BLD, mask_B1QL, deterministic: bool):
+        x_BLD = _block_class(self.config)(self.config, name="layer")(
+            x_BLD, mask_B1QL, deterministic
+        )
+        return x_BLD, x_BLD
+
+
+def _block_class(config: BertConfig):
+    policy = _REMAT_POLICIES[config.remat]
+    if not config.remat:
+        return TransformerLayer
+    # Argument 3 (`deterministic`, counting self) is a Python bool: static.
+    return nn.remat(TransformerLayer, policy=policy, static_argnums=(3,), prevent_cse=False)
 
 
 class BertModel(nn.Module):
     """The encoder: embeddings, L transformer layers and the [CLS] pooler.
 
     Fine-tuning models hold this same module under the name `bert`, so the `bert` subtree of
-    a pre-training checkpoint drops straight into them.
+    a pre-training checkpoint drops straight into them. With `model.scan_layers` the L blocks
+    are one `nn.scan` (parameters under `layers/layer`, stacked on a leading axis) so compile
+    time stays flat in depth; `stack_layers` / `unstack_layers` convert between the layouts.
     """
 
     config: BertConfig
@@ -280,7 +337,18 @@ class BertModel(nn.Module):
     def setup(self):
         cfg = self.config
         self.embeddings = Embeddings(cfg)
-        self.layers = [TransformerLayer(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        if cfg.scan_layers:
+            self.layers = nn.scan(
+                _ScannedLayer,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast),
+                length=cfg.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )(cfg, name="layers")
+        else:
+            block = _block_class(cfg)
+            self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
         if self.add_pooler:
             self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
 
@@ -292,16 +360,30 @@ class BertModel(nn.Module):
         position_ids=None,
         deterministic: bool = True,
         all_layers: bool = False,
+        cls_positions=None,
     ) -> EncoderOutput:
+        """`cls_positions` (B, K) marks packed rows: the [CLS] of each pair, pooled one by one
+        (its `input_mask` then numbers the pairs, see `attention_mask`)."""
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        mask = attention_mask(input_mask, packed=cls_positions is not None)
         x_BLD = self.embeddings(input_ids, segment_ids, position_ids, deterministic)
         x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
         hidden = [x_BLD]
-        for layer in self.layers:
-            x_BLD = layer(x_BLD, input_mask, deterministic)
-            hidden.append(x_BLD)
-        pooled_BD = jnp.tanh(self.pooler(x_BLD[:, 0])) if self.add_pooler else None
+        if self.config.scan_layers:
+            x_BLD, stacked = self.layers(x_BLD, mask, deterministic)
+            hidden += list(stacked) if all_layers else []
+        else:
+            for layer in self.layers:
+                x_BLD = layer(x_BLD, mask, deterministic)
+                hidden.append(x_BLD)
+        pooled_BD = None
+        if self.add_pooler:
+            if cls_positions is None:
+                cls_BD = x_BLD[:, 0]
+            else:
+                cls_BD = jnp.take_along_axis(x_BLD, cls_positions[..., None], axis=1)
+            pooled_BD = jnp.tanh(self.pooler(cls_BD))
         return EncoderOutput(
             sequence_BLD=x_BLD,
             pooled_BD=pooled_BD,
@@ -312,10 +394,29 @@ class BertModel(nn.Module):
         return self.embeddings.attend(x_BPD)
 
 
+def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
+    """An encoder's parameters with `layer_0..layer_{L-1}` -> the scanned layout (`layers/layer`
+    with a leading axis of L). Applies to the tree holding the layers (a `bert` subtree)."""
+    params = dict(params)
+    blocks = [params.pop(f"layer_{i}") for i in range(num_layers)]
+    params["layers"] = {"layer": jax.tree.map(lambda *xs: jnp.stack(xs), *blocks)}
+    return params
+
+
+def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `stack_layers`."""
+    params = dict(params)
+    stacked = params.pop("layers")["layer"]
+    num_layers = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(num_layers):
+        params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return params
+
+
 @flax.struct.dataclass
 class PretrainingOutput:
     mlm_logits_BPV: jax.Array
-    nsp_logits_B2: jax.Array
+    nsp_logits_B2: jax.Array  # (B, K, 2) for packed rows
 
 
 class BertForPreTraining(nn.Module):
@@ -346,8 +447,17 @@ class BertForPreTraining(nn.Module):
         masked_lm_positions,
         position_ids=None,
         deterministic: bool = True,
+        cls_positions=None,
     ) -> PretrainingOutput:
-        out = self.bert(input_ids, input_mask, segment_ids, position_ids, deterministic)
+        """Packed rows (`cls_positions` (B, K) given) give NSP logits (B, K, 2)."""
+        out = self.bert(
+            input_ids,
+            input_mask,
+            segment_ids,
+            position_ids,
+            deterministic,
+            cls_positions=cls_positions,
+        )
         # Vocabulary logits only where a prediction is asked for: P is ~15% of L.
         x_BPD = jnp.take_along_axis(out.sequence_BLD, masked_lm_positions[..., None], axis=1)
         return PretrainingOutput(
@@ -380,8 +490,24 @@ class BertForSequenceClassification(nn.Module):
             self.config, self.num_labels, ("embed_out", "classes"), "classifier"
         )
 
-    def __call__(self, input_ids, input_mask, segment_ids, deterministic: bool = True):
-        out = self.bert(input_ids, input_mask, segment_ids, None, deterministic)
+    def __call__(
+        self,
+        input_ids,
+        input_mask,
+        segment_ids,
+        deterministic: bool = True,
+        position_ids=None,
+        cls_positions=None,
+    ):
+        """(B, C) logits, or (B, K, C) for packed rows (`cls_positions` (B, K) given)."""
+        out = self.bert(
+            input_ids,
+            input_mask,
+            segment_ids,
+            position_ids,
+            deterministic,
+            cls_positions=cls_positions,
+        )
         logits_BC = self.classifier(self.dropout(out.pooled_BD, deterministic=deterministic))
         return logits_BC.astype(jnp.float32)
 

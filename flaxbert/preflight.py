@@ -17,7 +17,7 @@ import time
 import jax
 import ml_collections
 
-from flaxbert.train import batch_shapes, setup_training, validate_pretrain_config
+from flaxbert.train import setup_training, validate_pretrain_config
 
 log = logging.getLogger("flaxbert")
 
@@ -68,7 +68,7 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _flops(compiled) -> float | None:
+def xla_flops(compiled) -> float | None:
     try:
         cost = compiled.cost_analysis()
     except Exception:  # not every backend implements it
@@ -87,9 +87,7 @@ def compile_train_step(config: ml_collections.ConfigDict) -> MemoryReport:
     setup = setup_training(config, model_config)
     parallel = setup.parallel
     state = setup.abstract_state()
-    batch = parallel.abstract_batch(
-        batch_shapes(config.train.batch_size, setup.seq_len, setup.num_predictions)
-    )
+    batch = parallel.abstract_batch(setup.train_batch_shapes(config.train.batch_size))
     rng = parallel.put_replicated(jax.random.key(0))
     start = time.perf_counter()
     compiled = setup.compile_train_step(state).lower(state, batch, rng).compile()
@@ -104,7 +102,7 @@ def compile_train_step(config: ml_collections.ConfigDict) -> MemoryReport:
         temps=int(mem.temp_size_in_bytes),
         generated_code=int(mem.generated_code_size_in_bytes),
         aliased=int(mem.alias_size_in_bytes),
-        flops=_flops(compiled),
+        flops=xla_flops(compiled),
         compile_seconds=seconds,
     )
 

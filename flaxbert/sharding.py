@@ -57,6 +57,7 @@ LOGICAL_AXES = (
     "mlp",
     "embed_out",
     "classes",
+    "layers",  # the stacked axis of model.scan_layers
 )
 
 Rules = tuple[tuple[str, tuple[str, ...] | None], ...]

@@ -29,7 +29,12 @@ import optax
 
 from flaxbert import checkpoint as ckpt
 from flaxbert.config import ConfigError, require
-from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches, prefetch
+from flaxbert.data.pretraining import (
+    InstanceConfig,
+    PretrainingBatches,
+    packed_predictions,
+    prefetch,
+)
 from flaxbert.data.sources import load_corpus
 from flaxbert.model import BertConfig, BertForPreTraining
 from flaxbert.monitor import MetricWriter, Progress
@@ -149,8 +154,16 @@ def apply_model(model, params, batch, deterministic: bool, rng=None):
         batch["masked_lm_positions"],
         batch.get("position_ids"),
         deterministic=deterministic,
+        cls_positions=batch.get("cls_positions"),  # packed rows only
         rngs=None if deterministic else {"dropout": rng},
     )
+
+
+def nsp_weights(batch) -> jax.Array:
+    """1 per real sentence pair: every row unpacked; packed rows say which slots hold one."""
+    if "next_sentence_weights" in batch:
+        return batch["next_sentence_weights"].astype(jnp.float32)
+    return jnp.ones(batch["next_sentence_labels"].shape, jnp.float32)
 
 
 def pretraining_sums(model, params, batch, deterministic: bool, rng=None) -> dict[str, jax.Array]:
@@ -162,14 +175,15 @@ def pretraining_sums(model, params, batch, deterministic: bool, rng=None) -> dic
     mlm_nll = optax.softmax_cross_entropy_with_integer_labels(mlm_logits, labels)
     nsp_logits = out.nsp_logits_B2.astype(jnp.float32)
     nsp_labels = batch["next_sentence_labels"]
+    nsp_w = nsp_weights(batch)
     nsp_nll = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, nsp_labels)
     return {
         "mlm_loss_sum": jnp.sum(mlm_nll * weights),
         "mlm_correct": jnp.sum((jnp.argmax(mlm_logits, -1) == labels) * weights),
         "mlm_count": jnp.sum(weights),
-        "nsp_loss_sum": jnp.sum(nsp_nll),
-        "nsp_correct": jnp.sum(jnp.argmax(nsp_logits, -1) == nsp_labels).astype(jnp.float32),
-        "nsp_count": jnp.asarray(nsp_labels.shape[0], jnp.float32),
+        "nsp_loss_sum": jnp.sum(nsp_nll * nsp_w),
+        "nsp_correct": jnp.sum((jnp.argmax(nsp_logits, -1) == nsp_labels) * nsp_w),
+        "nsp_count": jnp.sum(nsp_w),
     }
 
 
@@ -208,7 +222,7 @@ def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: s
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         # Denominators come from the whole batch, so summing micro-batch gradients is exact.
         mlm_denominator = jnp.maximum(global_sum(jnp.sum(batch["masked_lm_weights"])), 1.0)
-        nsp_denominator = global_sum(jnp.float32(batch["next_sentence_labels"].shape[0]))
+        nsp_denominator = jnp.maximum(global_sum(jnp.sum(nsp_weights(batch))), 1.0)
 
         def loss_fn(params, micro, micro_rng):
             sums = pretraining_sums(model, params, micro, False, micro_rng)
@@ -282,6 +296,7 @@ def logical_dims(config: BertConfig) -> dict[str, int]:
         "kv": config.head_dim,
         "mlp": config.intermediate_size,
         "classes": 2,
+        "layers": config.num_layers,  # the stacked axis of model.scan_layers (never split)
     }
 
 
@@ -298,7 +313,11 @@ class TrainingSetup:
     train_step_fn: Any  # the pure step, before compilation
     eval_step_fn: Any
     seq_len: int
-    num_predictions: int
+    num_predictions: int  # masked-LM slots of a training row (packed rows have more)
+    max_pairs: int = 0  # pairs per packed row (data.packing), 0 when rows are not packed
+
+    def train_batch_shapes(self, batch_size: int):
+        return batch_shapes(batch_size, self.seq_len, self.num_predictions, self.max_pairs)
 
     def create_state(self, rng) -> TrainState:
         return self.parallel.create_state(
@@ -334,6 +353,7 @@ def setup_training(
     model = BertForPreTraining(model_config)
     schedule, tx = make_optimizer(t)
     seq, pred = d.max_seq_length, d.max_predictions_per_seq
+    max_pairs = d.max_pairs_per_row if d.packing else 0
     return TrainingSetup(
         model=model,
         schedule=schedule,
@@ -346,22 +366,36 @@ def setup_training(
         ),
         eval_step_fn=make_eval_step(model),
         seq_len=seq,
-        num_predictions=pred,
+        num_predictions=(
+            packed_predictions(instance_config(d, model_config.vocab_size), max_pairs)
+            if max_pairs
+            else pred
+        ),
+        max_pairs=max_pairs,
     )
 
 
-def batch_shapes(batch_size: int, seq_len: int, num_predictions: int):
-    """ShapeDtypeStructs of a global pre-training batch, for compiling without data."""
-    i32 = jnp.int32
-    return {
-        "input_ids": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
-        "input_mask": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
-        "segment_ids": jax.ShapeDtypeStruct((batch_size, seq_len), i32),
-        "masked_lm_positions": jax.ShapeDtypeStruct((batch_size, num_predictions), i32),
-        "masked_lm_ids": jax.ShapeDtypeStruct((batch_size, num_predictions), i32),
-        "masked_lm_weights": jax.ShapeDtypeStruct((batch_size, num_predictions), jnp.float32),
+def batch_shapes(batch_size: int, seq_len: int, num_predictions: int, max_pairs: int = 0):
+    """ShapeDtypeStructs of a global pre-training batch, for compiling without data;
+    `max_pairs` > 0: packed rows (`flaxbert.data.pretraining.PackedRows`)."""
+    i32, f32 = jnp.int32, jnp.float32
+    row, preds = (batch_size, seq_len), (batch_size, num_predictions)
+    shapes = {
+        "input_ids": jax.ShapeDtypeStruct(row, i32),
+        "input_mask": jax.ShapeDtypeStruct(row, i32),
+        "segment_ids": jax.ShapeDtypeStruct(row, i32),
+        "masked_lm_positions": jax.ShapeDtypeStruct(preds, i32),
+        "masked_lm_ids": jax.ShapeDtypeStruct(preds, i32),
+        "masked_lm_weights": jax.ShapeDtypeStruct(preds, f32),
         "next_sentence_labels": jax.ShapeDtypeStruct((batch_size,), i32),
     }
+    if max_pairs:
+        pairs = (batch_size, max_pairs)
+        shapes["position_ids"] = jax.ShapeDtypeStruct(row, i32)
+        shapes["cls_positions"] = jax.ShapeDtypeStruct(pairs, i32)
+        shapes["next_sentence_labels"] = jax.ShapeDtypeStruct(pairs, i32)
+        shapes["next_sentence_weights"] = jax.ShapeDtypeStruct(pairs, f32)
+    return shapes
 
 
 # ------------------------------------------------------------------------------ loop
@@ -414,6 +448,16 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
         t.max_consecutive_nonfinite,
         "must be >= 1",
     )
+    if d.packing:
+        require(
+            d.max_pairs_per_row >= 1, "data.max_pairs_per_row", d.max_pairs_per_row, "must be >= 1"
+        )
+        require(
+            d.masking == "dynamic",
+            "data.masking",
+            d.masking,
+            "data.packing needs dynamic masking (static masking fixes each instance's length)",
+        )
     validate_checkpoint_config(config.checkpoint, config.eval.every_steps)
     make_optimizer(t)  # names a bad optimizer or schedule now rather than later
     return model_config
@@ -433,6 +477,46 @@ def instance_config(data: ml_collections.ConfigDict, vocab_size: int) -> Instanc
         )
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_vocab(corpus, model_config: BertConfig) -> None:
+    """The model's vocabulary must cover the data's (match a tokenizer's exactly)."""
+    if corpus.exact_vocab:
+        require(
+            corpus.vocab_size == model_config.vocab_size,
+            "model.vocab_size",
+            model_config.vocab_size,
+            f"does not match the tokenizer {corpus.tokenizer_path} ({corpus.vocab_size} "
+            f"pieces); set --config.model.vocab_size={corpus.vocab_size}",
+        )
+    else:
+        require(
+            corpus.vocab_size <= model_config.vocab_size,
+            "model.vocab_size",
+            model_config.vocab_size,
+            f"is smaller than the data's vocabulary ({corpus.vocab_size})",
+        )
+
+
+def make_train_batches(config: ml_collections.ConfigDict, corpus, parallel: Parallel):
+    """The training loader: this process builds only the rows of the global batch that its
+    devices hold. A batch is a function of (seed, step), so the loader's position is the step."""
+    d, t = config.data, config.train
+    loader_index, loader_count = parallel.local_rows(t.batch_size).loader_shard
+    return PretrainingBatches(
+        corpus.train,
+        instance_config(d, corpus.vocab_size),
+        t.batch_size,
+        seed=t.seed,
+        process_index=loader_index,
+        process_count=loader_count,
+        masking=d.masking,
+        dupe_factor=d.dupe_factor,
+        packing=d.packing,
+        max_pairs_per_row=d.max_pairs_per_row,
+        word_start=corpus.word_start,
+        whole_word_masking=d.whole_word_masking,
+    )
 
 
 def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
@@ -582,21 +666,7 @@ def pretrain(
         d.masking in ("dynamic", "static"), "data.masking", d.masking, "choose dynamic or static"
     )
     corpus = load_corpus(d, workdir)
-    if corpus.exact_vocab:
-        require(
-            corpus.vocab_size == model_config.vocab_size,
-            "model.vocab_size",
-            model_config.vocab_size,
-            f"does not match the tokenizer {corpus.tokenizer_path} ({corpus.vocab_size} "
-            f"pieces); set --config.model.vocab_size={corpus.vocab_size}",
-        )
-    else:
-        require(
-            corpus.vocab_size <= model_config.vocab_size,
-            "model.vocab_size",
-            model_config.vocab_size,
-            f"is smaller than the data's vocabulary ({corpus.vocab_size})",
-        )
+    check_vocab(corpus, model_config)
     inst = instance_config(d, corpus.vocab_size)
     t = config.train
     is_chief = jax.process_index() == 0
@@ -608,22 +678,8 @@ def pretrain(
     parallel = setup.parallel
     log.info("parallel: %s", parallel.description)
 
-    # Each process builds only the rows of the global batch that its devices hold. A batch is
-    # a function of (seed, step), so the loader's position is the step.
-    train_rows = parallel.local_rows(t.batch_size)
-    loader_index, loader_count = train_rows.loader_shard
+    train_batches = make_train_batches(config, corpus, parallel)
     masking = dict(word_start=corpus.word_start, whole_word_masking=d.whole_word_masking)
-    train_batches = PretrainingBatches(
-        corpus.train,
-        inst,
-        t.batch_size,
-        seed=t.seed,
-        process_index=loader_index,
-        process_count=loader_count,
-        masking=d.masking,
-        dupe_factor=d.dupe_factor,
-        **masking,
-    )
     eval_source = PretrainingBatches(
         corpus.eval, inst, config.eval.batch_size, seed=t.seed + 1, **masking
     )
@@ -682,12 +738,14 @@ def pretrain(
     start_time = time.perf_counter()
     interval: list[dict[str, float]] = []
     interval_start, last_train, last_eval = time.perf_counter(), {}, {}
-    pending = None  # (step, device metrics): fetched one step late so the host never stalls
+    # (step, device metrics, real tokens): fetched one step late so the host never stalls.
+    pending = None
     skipped = consecutive = 0
 
-    def finish(step, device_metrics):
+    def finish(step, device_metrics, real_tokens):
         nonlocal interval_start, last_train, skipped, consecutive
         metrics = parallel.fetch(device_metrics)
+        metrics["real_tokens"] = real_tokens
         skipped = int(metrics["skipped_updates"])
         problem = _nonfinite_message(step, metrics)
         if problem and t.nonfinite == "stop":
@@ -713,6 +771,9 @@ def pretrain(
             mean["skipped_updates"] = skipped
             mean["seq_per_sec"] = len(interval) * t.batch_size / (now - interval_start)
             mean["tokens_per_sec"] = len(interval) * tokens_per_batch / (now - interval_start)
+            # Non-padding tokens (what packing raises).
+            real = mean.pop("real_tokens") * len(interval)
+            mean["real_tokens_per_sec"] = real / (now - interval_start)
             writer.write(step, mean)
             progress.log(step, mean)
             interval.clear()
@@ -750,13 +811,22 @@ def pretrain(
     step = start_step
     try:
         steps = range(start_step, t.num_steps)
-        batches = prefetch(train_batches.batch, steps, config.data.prefetch)
-        for step0, batch in batches:
+
+        def device_batch(step):
+            # Built and copied to the devices on the prefetch thread, ahead of its step; with
+            # the global count of real tokens (this process's rows, times the processes).
+            host = train_batches.batch(step)
+            return parallel.put_batch(host), np.count_nonzero(host["input_mask"]) * (
+                jax.process_count()
+            )
+
+        batches = prefetch(device_batch, steps, config.data.prefetch)
+        for step0, (batch, real_tokens) in batches:
             step = step0 + 1  # the step count once this update is applied
-            state, metrics = train_step(state, parallel.put_batch(batch), dropout_rng)
+            state, metrics = train_step(state, batch, dropout_rng)
             if pending is not None:
                 finish(*pending)
-            pending = (step, metrics)
+            pending = (step, metrics, real_tokens)
             every, save_every = config.eval.every_steps, c.every_steps
             at_eval = step == t.num_steps or (every and step % every == 0)
             at_save = step == t.num_steps or (save_every and step % save_every == 0)

@@ -115,16 +115,27 @@ def test_config_that_does_not_fit_the_checkpoint_is_named(repo_root, tmp_path, p
     config.model.num_layers = 3
     with pytest.raises(ConfigError, match="model.hidden_size=64 but the checkpoint has 32"):
         finetune(config, str(tmp_path / "ft"))
+    config = _ft_config(
+        repo_root, "nsmc", f"--config.init_from={workdir}", "--config.model.scan_layers=True"
+    )
+    with pytest.raises(ConfigError, match="model.scan_layers=True but the checkpoint has False"):
+        finetune(config, str(tmp_path / "ft2"))
 
 
 @pytest.mark.parametrize(
-    "task, main",
-    [("nsmc", "accuracy"), ("stsb", "pearson"), ("klue_ner", "f1"), ("squad_v1", "f1")],
+    "task, main, packing",
+    [
+        ("nsmc", "accuracy", False),
+        ("stsb", "pearson", True),  # packed training rows (regression)
+        ("klue_ner", "f1", False),
+        ("squad_v1", "f1", False),
+    ],
 )
-def test_finetune_end_to_end_on_a_slice(repo_root, tmp_path, pretrained, task, main):
+def test_finetune_end_to_end_on_a_slice(repo_root, tmp_path, pretrained, task, main, packing):
     _tasks_dir()
     workdir, _ = pretrained
     extra = ["--config.data.max_seq_length=64", "--config.data.doc_stride=32"]
+    extra += [f"--config.data.packing={packing}"]
     if task == "squad_v1":
         extra += ["--config.data.max_query_length=16"]
     config = _ft_config(
@@ -145,6 +156,8 @@ def test_finetune_end_to_end_on_a_slice(repo_root, tmp_path, pretrained, task, m
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in m and np.isfinite(m["loss"]) for m in metrics)
     assert (out / "checkpoints").is_dir() and result.train_examples_per_sec > 0
+    if packing:  # 48 short pairs, 16 rows a batch: fewer steps than 2 epochs of 3 batches
+        assert result.final_step < 6
 
 
 def test_sequence_heads_losses_and_predictions():
