@@ -5,7 +5,8 @@ Layout of one checkpoint, `WORKDIR/checkpoints/<step>/`:
     params/     the parameters (orbax OCDBT array store, any sharding)
     opt_state/  the optimizer state, a separate item so a fine-tuning job never reads it
     meta/       JSON: step, dropout RNG key, data loader position, the resolved config and
-                the tokenizer (a copy is kept at WORKDIR/tokenizer.model)
+                the tokenizer (a copy is kept at WORKDIR/tokenizer.model, or WORKDIR/vocab.txt
+                for a WordPiece vocabulary from `flaxbert convert`)
     metrics/    the eval metrics the step was ranked by (only when `checkpoint.best_metric`)
 
 A step directory appears only once complete (orbax writes into a temporary directory and
@@ -381,8 +382,8 @@ def restore_params(path: str, abstract_subtree: dict, step_dir: str | None = Non
 
 
 def tokenizer_of(path: str) -> str:
-    """The SentencePiece model a checkpoint was trained with ('' for the embedded synthetic
-    corpus, which has no tokenizer)."""
+    """The tokenizer a checkpoint was trained with: a SentencePiece model, or the WordPiece
+    vocab.txt of a converted one ('' for the embedded synthetic corpus, which has none)."""
     step_dir, meta = read_meta(path)
     ref = meta.get("tokenizer") or {}
     workdir = os.path.dirname(os.path.dirname(step_dir))
@@ -399,14 +400,23 @@ def tokenizer_of(path: str) -> str:
 
 
 def keep_tokenizer(workdir: str, tokenizer_path: str) -> dict:
-    """Copies the tokenizer into the workdir (once) and returns the reference for `meta`."""
+    """Copies the tokenizer into the workdir (once) and returns the reference for `meta`: a
+    SentencePiece model as tokenizer.model, a WordPiece vocabulary (`flaxbert convert`) as
+    vocab.txt with a tokenizer_config.json stating its casing."""
+    from flaxbert.tokenizer import WORDPIECE_VOCAB, is_wordpiece_vocab, write_wordpiece_config
+
     if not tokenizer_path:
         return {}
-    target = os.path.join(workdir, TOKENIZER_FILE)
-    if jax.process_index() == 0 and os.path.abspath(tokenizer_path) != os.path.abspath(target):
-        shutil.copyfile(tokenizer_path, target + ".tmp")
-        os.replace(target + ".tmp", target)
-    return {"path": os.path.abspath(tokenizer_path), "copy": TOKENIZER_FILE}
+    wordpiece = is_wordpiece_vocab(tokenizer_path)
+    name = WORDPIECE_VOCAB if wordpiece else TOKENIZER_FILE
+    target = os.path.join(workdir, name)
+    if jax.process_index() == 0:
+        if os.path.abspath(tokenizer_path) != os.path.abspath(target):
+            shutil.copyfile(tokenizer_path, target + ".tmp")
+            os.replace(target + ".tmp", target)
+        if wordpiece:
+            write_wordpiece_config(tokenizer_path, workdir)
+    return {"path": os.path.abspath(tokenizer_path), "copy": name}
 
 
 def rng_to_json(key) -> list[int]:

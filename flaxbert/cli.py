@@ -92,11 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     from flaxbert.features import add_extract_features_parser, run_extract_features
 
     add_extract_features_parser(commands).set_defaults(func=run_extract_features)
+    from flaxbert.convert import add_convert_parser, run_convert
+
+    add_convert_parser(commands).set_defaults(func=run_convert)
     from flaxbert.data.prepare import add_prepare_parser, run_prepare
     from flaxbert.tokenizer import add_train_tokenizer_parser, run_train_tokenizer
 
     add_train_tokenizer_parser(commands).set_defaults(func=run_train_tokenizer)
     add_prepare_parser(commands).set_defaults(func=run_prepare)
+    from flaxbert.plot import add_plot_parser, run_plot
+    from flaxbert.sweep import add_sweep_parsers
+
+    add_sweep_parsers(commands)
+    add_plot_parser(commands).set_defaults(func=run_plot)
     return parser
 
 
@@ -110,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     # orbax logs every step of every save through absl at INFO; its warnings still show.
     logging.getLogger("absl").setLevel(logging.WARNING)
     if getattr(args, "func", None) is not None:  # data commands: their own handlers
+        args.config_overrides = overrides  # `flaxbert sweep` passes them to every point
         return args.func(args)
     try:
         config = load_config(args.config, overrides)

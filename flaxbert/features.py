@@ -77,7 +77,7 @@ def extract_features(
     from flaxbert import checkpoint as ckpt
     from flaxbert.finetune_tasks import encode_pair
     from flaxbert.model import BertConfig, BertModel
-    from flaxbert.tokenizer import Tokenizer
+    from flaxbert.tokenizer import load_tokenizer
 
     if pooling not in ("none", "cls", "mean"):
         raise ValueError(f"--pooling {pooling!r}: choose none, cls or mean")
@@ -96,7 +96,7 @@ def extract_features(
     tokenizer_path = ckpt.tokenizer_of(checkpoint)
     if not tokenizer_path:
         raise ValueError(f"{step_dir} has no tokenizer (pre-trained on the synthetic corpus)")
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     texts = read_lines(input_file)
 
     model = BertModel(config, add_pooler=False)
@@ -191,8 +191,14 @@ def add_extract_features_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="UTF-8 text, one input per line")
     p.add_argument("--output", required=True, help="OUT: writes OUT.npy and OUT.jsonl")
     p.add_argument("--layers", default="-1", help="comma-separated, -1 = last (default -1)")
-    p.add_argument("--pooling", default="none", choices=("none", "cls", "mean"))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--pooling",
+        default="none",
+        choices=("none", "cls", "mean"),
+        help="none: one row per token (default); cls: the [CLS] vector; mean: the mean over "
+        "the tokens, one row per line",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="lines per forward pass (32)")
     p.add_argument(
         "--max-seq-length", type=int, default=0, help="default: 128, or less if the model's is"
     )

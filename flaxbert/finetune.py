@@ -32,7 +32,7 @@ from flaxbert.finetune_tasks import Features, PackedEpochs, make_kind, padded
 from flaxbert.model import STRUCTURAL_KEYS, BertConfig
 from flaxbert.monitor import MetricWriter, Progress
 from flaxbert.sharding import Parallel, make_parallel
-from flaxbert.tokenizer import Tokenizer
+from flaxbert.tokenizer import load_tokenizer
 from flaxbert.train import (
     PreemptionWatch,
     TrainState,
@@ -73,8 +73,9 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
         bool(own),
         "data.tokenizer",
         own,
-        "is needed without init_from: a SentencePiece model (flaxbert train-tokenizer), "
-        "or set init_from=PRETRAINING_WORKDIR to use its encoder and tokenizer",
+        "is needed without init_from: a SentencePiece model (flaxbert train-tokenizer) or "
+        "the vocab.txt of a converted checkpoint (flaxbert convert), or set "
+        "init_from=PRETRAINING_WORKDIR to use its encoder and tokenizer",
     )
     return own
 
@@ -211,7 +212,7 @@ def finetune(
     labels = [x for x in d.label_list.split(",") if x] if d.label_list else []
     kind = make_kind(config.kind, labels, config.metrics)
     tokenizer_path = resolve_tokenizer(config)
-    tokenizer = Tokenizer.load(tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_path)
     model_config = model_config_for(config, tokenizer.vocab_size)
     require(
         d.max_seq_length <= model_config.max_position_embeddings,
@@ -387,6 +388,7 @@ def finetune(
     preemption = PreemptionWatch()
     step = start_step
     best_file = os.path.join(workdir, "best_eval_predictions.jsonl")
+    batches = None
     try:
         pending = None
 
@@ -401,7 +403,8 @@ def finetune(
             )
             return parallel.put_batch(host), examples
 
-        for step0, (batch, examples) in prefetch(device_batch, range(start_step, num_steps), 4):
+        batches = prefetch(device_batch, range(start_step, num_steps), 4)
+        for step0, (batch, examples) in batches:
             step = step0 + 1
             t0 = time.perf_counter()
             state, metrics = step_fn(state, batch, dropout_rng)
@@ -479,6 +482,8 @@ def finetune(
                     json.dump({"best_step": best_step, **test_metrics}, f, indent=2)
                 log.info("test (best checkpoint, step %d): %s", best_step, test_metrics)
     finally:
+        if batches is not None:
+            batches.close()  # stops the prefetch thread before anything else closes
         preemption.close()
         writer.close()
         checkpoints.close()

@@ -318,8 +318,14 @@ def _block_class(config: BertConfig):
     policy = _REMAT_POLICIES[config.remat]
     if not config.remat:
         return TransformerLayer
-    # Argument 3 (`deterministic`, counting self) is a Python bool: static.
-    return nn.remat(TransformerLayer, policy=policy, static_argnums=(3,), prevent_cse=False)
+    # Argument 3 (`deterministic`, counting self) is a Python bool: static. Outside a scan
+    # XLA would merge the recomputation with the forward pass (CSE) unless prevented.
+    return nn.remat(
+        TransformerLayer,
+        policy=policy,
+        static_argnums=(3,),
+        prevent_cse=not config.scan_layers,
+    )
 
 
 class BertModel(nn.Module):

@@ -809,6 +809,7 @@ def pretrain(
     preemption = PreemptionWatch()
     preempted = False
     step = start_step
+    batches = None
     try:
         steps = range(start_step, t.num_steps)
 
@@ -867,6 +868,8 @@ def pretrain(
             )
             last_eval = evaluate(eval_step, state.params, eval_batches)
     finally:
+        if batches is not None:
+            batches.close()  # stops the prefetch thread before anything else closes
         preemption.close()
         writer.close()
         checkpoints.close()  # waits for the saves still being written

@@ -77,11 +77,20 @@ def plain():
     return model, params, {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-@pytest.mark.parametrize("remat", ["full", "dots"])
-def test_remat_gives_the_same_gradients_with_dropout(plain, remat):
+@pytest.fixture(scope="module")
+def plain_grads(plain):
+    """The plain model's (loss, grads): deterministic, and with dropout (rng 7)."""
     model, params, batch = plain
+    deterministic = _loss_and_grads(model, params, batch)
+    dropout = _loss_and_grads(model, params, batch, False, jax.random.key(7))
+    return {True: (deterministic[0], deterministic[2]), False: (dropout[0], dropout[2])}
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_gradients_with_dropout(plain, plain_grads, remat):
+    _, params, batch = plain
     rng = jax.random.key(7)
-    loss0, _, g0 = _loss_and_grads(model, params, batch, False, rng)
+    loss0, g0 = plain_grads[False]
     other = BertForPreTraining(dataclasses.replace(MODEL, remat=remat))
     loss1, _, g1 = _loss_and_grads(other, params, batch, False, rng)
     assert float(loss1) == pytest.approx(float(loss0), abs=1e-6)
@@ -89,9 +98,9 @@ def test_remat_gives_the_same_gradients_with_dropout(plain, remat):
 
 
 @pytest.mark.parametrize("remat", ["", "full"])
-def test_scanned_layers_give_the_same_loss_and_gradients(plain, remat):
-    model, params, batch = plain
-    loss0, _, g0 = _loss_and_grads(model, params, batch)
+def test_scanned_layers_give_the_same_loss_and_gradients(plain, plain_grads, remat):
+    _, params, batch = plain
+    loss0, g0 = plain_grads[True]
     scanned = BertForPreTraining(dataclasses.replace(MODEL, scan_layers=True, remat=remat))
     # The scanned model's own parameter tree is the stacked layout of the plain one's.
     own = train.init_params(scanned, jax.random.key(0), SEQ, PRED)
@@ -173,9 +182,9 @@ def test_scan_and_remat_train_under_a_2x2x2_mesh(repo_root):
 
 
 def test_bf16_follows_the_float32_loss_curve(repo_root):
-    """bfloat16 compute, float32 parameters and optimizer state: 25 steps of the tiny model
+    """bfloat16 compute, float32 parameters and optimizer state: 20 steps of the tiny model
     track the float32 run (same data, same init)."""
-    steps = 25
+    steps = 20
     curves = {}
     for dtype in ("float32", "bfloat16"):
         config, _, setup = _tiny_setup(
@@ -202,7 +211,7 @@ def test_bf16_follows_the_float32_loss_curve(repo_root):
             curve.append(float(metrics["loss"]))
         curves[dtype] = np.array(curve)
     f32, bf16 = curves["float32"], curves["bfloat16"]
-    assert f32[-10:].mean() < f32[:5].mean() - 0.5  # it learns
+    assert f32[-10:].mean() < f32[:5].mean() - 0.3  # it learns
     # bf16 rounding (8 bits of mantissa) moves each step's loss a little, never the trend.
     assert np.max(np.abs(bf16 - f32)) < 0.25, np.abs(bf16 - f32)
     assert abs(bf16[-10:].mean() - f32[-10:].mean()) < 0.1
@@ -301,16 +310,16 @@ def test_packed_pretraining_step_runs_and_reports_real_tokens(repo_root, tmp_pat
             *tiny_overrides(),
             "--config.data.packing=True",
             "--config.data.short_seq_prob=0.5",
-            "--config.train.num_steps=4",
+            "--config.train.num_steps=2",
             "--config.train.log_every=2",
             "--config.eval.num_batches=1",
-            "--config.eval.every_steps=4",
+            "--config.eval.every_steps=2",
             "--config.data.synthetic_documents=200",
             "--config.data.synthetic_eval_documents=40",
         ],
     )
     result = train.pretrain(config, str(tmp_path))
-    assert result.final_step == 4
+    assert result.final_step == 2
     assert np.isfinite(result.eval_metrics["eval/loss"])
     m = result.train_metrics
     assert 0 < m["real_tokens_per_sec"] <= m["tokens_per_sec"] * 1.0001
@@ -369,6 +378,7 @@ def test_packed_classification_gives_the_unpacked_loss(regression):
     index = epochs.plan(0)[0][:, 0]
     unpacked = {k: v[index] for k, v in arrays.items()}
 
+    @jax.jit
     def loss(batch, extra):
         out = model.apply(
             {"params": params},
@@ -378,9 +388,9 @@ def test_packed_classification_gives_the_unpacked_loss(regression):
             **extra,
         )
         sums = kind.loss_sums(out, batch)
-        return float(sums["loss_sum"] / sums["count"]), float(sums["count"])
+        return sums["loss_sum"] / sums["count"], sums["count"]
 
     lp, cp = loss(packed, {k: packed[k] for k in ("position_ids", "cls_positions")})
     lu, cu = loss(unpacked, {})
-    assert cp == cu == len(index)
-    assert lp == pytest.approx(lu, abs=1e-5)
+    assert float(cp) == float(cu) == len(index)
+    assert float(lp) == pytest.approx(float(lu), abs=1e-5)

@@ -609,3 +609,6 @@ def prefetch(make_batch, steps: range, buffer_size: int = 4) -> Iterator[tuple[i
             yield item
     finally:
         stop.set()
+        # The worker may be inside `make_batch` (which can copy to devices): let it finish,
+        # so that no thread is still calling into JAX when the process exits.
+        thread.join(timeout=60)

@@ -1,0 +1,452 @@
+"""HuggingFace import and export (`flaxbert convert`): the converted model gives
+transformers' logits, export undoes import bit for bit (scanned checkpoints too), fine-tuning
+takes a converted directory, the WordPiece tokenizer encodes as BERT's does, and what cannot
+be converted is named."""
+
+import json
+import logging
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+pytest.importorskip(
+    "transformers",
+    reason="transformers (in the test extra: pip install -e '.[test]') builds the reference "
+    "HuggingFace BERT these tests convert and compare with",
+)
+
+from flaxbert import checkpoint as ckpt  # noqa: E402
+from flaxbert.config import load_config  # noqa: E402
+from flaxbert.convert import (  # noqa: E402
+    ConversionError,
+    export_hf,
+    import_hf,
+    read_params,
+    vocabulary_order,
+)
+from flaxbert.model import BertConfig, BertForPreTraining, stack_layers  # noqa: E402
+from flaxbert.tokenizer import (  # noqa: E402
+    SPECIAL_TOKENS,
+    Tokenizer,
+    WordPieceTokenizer,
+    load_tokenizer,
+    train_tokenizer,
+)
+
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
+VOCAB_SIZE = 120
+HF_SPECIAL_IDS = (0, 100, 101, 102, 103)  # [PAD] [UNK] [CLS] [SEP] [MASK], as bert-base-uncased
+WORDS = (
+    "the a this movie film plot acting was is it and not very good great bad boring fun "
+    "love hate story end world hello cafe un ##aff ##able ##s ##ing ##ed ##ly . , ! ? ' "
+    "日 本 한 ##국 어"
+).split()
+LETTERS = [c for c in "abcdefghijklmnopqrstuvwxyz"] + [
+    f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"
+]
+
+
+def _hf_vocab() -> list[str]:
+    """120 pieces with the special tokens where HuggingFace's English BERT has them."""
+    rest = iter(WORDS + LETTERS + [f"[unused{i}]" for i in range(VOCAB_SIZE)])
+    specials = dict(zip(HF_SPECIAL_IDS, SPECIAL_TOKENS, strict=True))
+    return [specials[i] if i in specials else next(rest) for i in range(VOCAB_SIZE)]
+
+
+def _torch_style(params) -> dict[str, np.ndarray]:
+    """transformers' Flax parameters under PyTorch's names and (out, in) kernels."""
+    out = {}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        names = [str(k.key) for k in path]
+        x = np.asarray(x)
+        if names[-1] == "kernel":
+            names[-1], x = "weight", x.T
+        elif names[-1] in ("embedding", "scale"):
+            names[-1] = "weight"
+        out[".".join(names)] = np.ascontiguousarray(x)
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory):
+    """A random transformers FlaxBertForPreTraining (every parameter perturbed, so biases
+    and LayerNorms matter too), saved by `save_pretrained` (flax_model.msgpack) and as a
+    PyTorch-style model.safetensors (written here, with the tied decoder copy and the
+    embeddings' LayerNorm named gamma/beta as in old TF-converted checkpoints)."""
+    from safetensors.numpy import save_file
+    from transformers import BertConfig as HFBertConfig
+    from transformers import FlaxBertForPreTraining
+
+    tmp = tmp_path_factory.mktemp("hf")
+    config = HFBertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = FlaxBertForPreTraining(config, seed=0)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda x: np.asarray(x, np.float32) + rng.normal(0, 0.05, x.shape).astype(np.float32),
+        model.params,
+    )
+    vocab = "".join(p + "\n" for p in _hf_vocab())
+
+    msgpack_dir = tmp / "tiny-bert-uncased"
+    model.save_pretrained(msgpack_dir, params=params)
+    (msgpack_dir / "vocab.txt").write_text(vocab, encoding="utf-8")
+
+    st_dir = tmp / "tiny-bert-st-uncased"
+    config.save_pretrained(st_dir)
+    weights = _torch_style(params)
+    weights["cls.predictions.decoder.weight"] = weights["bert.embeddings.word_embeddings.weight"]
+    for new, old in (("gamma", "weight"), ("beta", "bias")):
+        weights[f"bert.embeddings.LayerNorm.{new}"] = weights.pop(
+            f"bert.embeddings.LayerNorm.{old}"
+        )
+    save_file(weights, st_dir / "model.safetensors", metadata={"format": "pt"})
+    (st_dir / "vocab.txt").write_text(vocab, encoding="utf-8")
+    return model, params, msgpack_dir, st_dir
+
+
+def _hf_batch():
+    """HuggingFace ids: [CLS] words [SEP] words [SEP] with a [MASK] and [UNK], padded."""
+    rng = np.random.default_rng(1)
+    lengths = (16, 11, 6)
+    ids = np.zeros((3, 16), np.int32)
+    segments = np.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, :n] = rng.integers(104, VOCAB_SIZE, n)
+        ids[b, 0], ids[b, n // 2], ids[b, n - 1] = 101, 102, 102
+        ids[b, 1], ids[b, 2] = 103, 100
+        segments[b, n // 2 + 1 : n] = 1
+    mask = (np.arange(16)[None] < np.asarray(lengths)[:, None]).astype(np.int32)
+    return ids, mask, segments
+
+
+@pytest.mark.parametrize("source", ["msgpack", "safetensors"])
+def test_converted_model_gives_transformers_logits(hf, tmp_path, source):
+    model, params, msgpack_dir, st_dir = hf
+    result = import_hf(str(msgpack_dir if source == "msgpack" else st_dir), str(tmp_path / "out"))
+    assert result.heads == ["pooler", "mlm", "nsp"]
+    assert result.original_ids == dict(zip(SPECIAL_TOKENS, HF_SPECIAL_IDS, strict=True))
+    assert result.casing.lowercase  # the directory's name contains "uncased"
+
+    hf_ids, mask, segments = _hf_batch()
+    expected = model(hf_ids, mask, segments, params=params, train=False)
+    order = vocabulary_order(HF_SPECIAL_IDS, VOCAB_SIZE)
+    ids = np.argsort(order)[hf_ids]  # the same tokens under flaxbert's ids
+    assert (ids[:, 0] == 2).all() and (ids[:, 1] == 4).all() and (ids[:, 2] == 1).all()
+    assert (ids[mask == 0] == 0).all()
+
+    converted = read_params(result.step_dir)
+    flax_model = BertForPreTraining(BertConfig.from_dict(result.model))
+    variables = {"params": converted}
+    logits = flax_model.apply(
+        variables, ids, mask, segments, method=BertForPreTraining.all_position_mlm_logits
+    )
+    np.testing.assert_allclose(
+        np.asarray(logits), np.asarray(expected.prediction_logits)[..., order], atol=1e-4
+    )
+    nsp = flax_model.apply(variables, ids, mask, segments, np.zeros((3, 1), np.int32))
+    np.testing.assert_allclose(
+        np.asarray(nsp.nsp_logits_B2), np.asarray(expected.seq_relationship_logits), atol=1e-4
+    )
+
+    # The tokenizer written beside the checkpoint reads flaxbert ids from the reordered file.
+    tok = load_tokenizer(ckpt.tokenizer_of(str(result.workdir)))
+    assert isinstance(tok, WordPieceTokenizer) and tok.vocab_size == VOCAB_SIZE
+    assert [tok.id_to_piece(i) for i in range(5)] == list(SPECIAL_TOKENS)
+    assert [tok.id_to_piece(i) for i in ids[0]] == [_hf_vocab()[i] for i in hf_ids[0]]
+
+
+def _same_tree(a, b):
+    leaves_a = jax.tree_util.tree_leaves_with_path(a)
+    leaves_b = jax.tree_util.tree_leaves_with_path(b)
+    assert [p for p, _ in leaves_a] == [p for p, _ in leaves_b]
+    for (path, x), (_, y) in zip(leaves_a, leaves_b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape, path
+        assert np.array_equal(x, y), path
+
+
+def test_export_undoes_import_bit_for_bit(hf, tmp_path):
+    from safetensors.numpy import load_file
+
+    *_, st_dir = hf
+    first = import_hf(str(st_dir), str(tmp_path / "a"))
+    exported = export_hf(str(tmp_path / "a"), str(tmp_path / "hf"))
+    assert exported.architecture == "BertForPreTraining" and exported.tokenizer == "wordpiece"
+
+    # The very tensors and vocabulary the import read, in HuggingFace's order again.
+    source = load_file(st_dir / "model.safetensors")
+    source.pop("cls.predictions.decoder.weight")  # tied: HuggingFace rebuilds it
+    for new, old in (("gamma", "weight"), ("beta", "bias")):
+        source[f"bert.embeddings.LayerNorm.{old}"] = source.pop(f"bert.embeddings.LayerNorm.{new}")
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    assert sorted(written) == sorted(source)
+    for name in source:
+        assert written[name].dtype == source[name].dtype, name
+        assert np.array_equal(written[name], source[name]), name
+    assert (tmp_path / "hf/vocab.txt").read_bytes() == (st_dir / "vocab.txt").read_bytes()
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    original = json.loads((st_dir / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        assert config[key] == original[key]
+    assert config["model_type"] == "bert" and config["hidden_act"] == "gelu"
+    assert config["pad_token_id"] == 0 and config["architectures"] == ["BertForPreTraining"]
+    assert json.loads((tmp_path / "hf/tokenizer_config.json").read_text())["do_lower_case"]
+
+    # And back: every parameter array equal.
+    second = import_hf(str(tmp_path / "hf"), str(tmp_path / "b"))
+    _same_tree(read_params(first.step_dir), read_params(second.step_dir))
+    assert (tmp_path / "a/vocab.txt").read_bytes() == (tmp_path / "b/vocab.txt").read_bytes()
+
+
+def test_scanned_and_bare_encoder_checkpoints_export(hf, tmp_path):
+    """A checkpoint with scan_layers (stacked layers) exports the same tensors as the plain
+    one; its tokenizer copy (`keep_tokenizer`) still knows the original ids. A bare BertModel
+    (no heads, no `bert.` prefix) imports to the same encoder and exports as BertModel."""
+    from safetensors.numpy import load_file, save_file
+
+    *_, st_dir = hf
+    plain = import_hf(str(st_dir), str(tmp_path / "plain"))
+    export_hf(plain.workdir, str(tmp_path / "plain_hf"))
+
+    params = read_params(plain.step_dir)
+    params["bert"] = stack_layers(params["bert"], 2)
+    meta = ckpt.read_meta(plain.workdir)[1]
+    meta["model"]["scan_layers"] = True
+    scanned = tmp_path / "scanned"
+    scanned.mkdir()
+    meta["tokenizer"] = ckpt.keep_tokenizer(str(scanned), str(tmp_path / "plain/vocab.txt"))
+    c = ckpt.Checkpoints(str(scanned / "checkpoints"), async_save=False)
+    c.save(0, params, {"x": np.zeros(())}, meta)
+    c.close()
+    export_hf(str(scanned), str(tmp_path / "scanned_hf"))
+    a = load_file(tmp_path / "plain_hf/model.safetensors")
+    b = load_file(tmp_path / "scanned_hf/model.safetensors")
+    assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "scanned_hf/vocab.txt").read_bytes() == (st_dir / "vocab.txt").read_bytes()
+
+    bare = tmp_path / "bare-uncased"
+    bare.mkdir()
+    weights = {k[len("bert.") :]: v for k, v in a.items() if k.startswith("bert.")}
+    save_file(weights, bare / "model.safetensors")
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(st_dir / name, bare / name)
+    result = import_hf(str(bare), str(tmp_path / "bare_out"))
+    assert result.heads == ["pooler"]
+    restored = read_params(result.step_dir)
+    assert sorted(restored) == ["bert"]
+    _same_tree(restored["bert"], read_params(plain.step_dir)["bert"])
+    exported = export_hf(str(tmp_path / "bare_out"), str(tmp_path / "bare_hf"))
+    assert exported.architecture == "BertModel"
+    assert sorted(load_file(tmp_path / "bare_hf/model.safetensors")) == sorted(weights)
+
+
+def test_finetune_takes_a_converted_directory(hf, repo_root, tmp_path):
+    from flaxbert.finetune import finetune
+
+    _, _, msgpack_dir, _ = hf
+    converted = import_hf(str(msgpack_dir), str(tmp_path / "converted"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("eval", 16)):
+        rows = ["sentence\tlabel"]
+        for _ in range(n):
+            label = int(rng.integers(2))
+            words = rng.choice(["the", "movie", "plot", "was", "very"], 4).tolist()
+            rows.append(" ".join([*words, ("Great" if label else "Boring") + "!"]) + f"\t{label}")
+        (tmp_path / f"{split}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = load_config(
+        str(repo_root / "configs/finetune.py") + ":sst2,tiny",
+        [
+            "--config.model.hidden_size=32",
+            "--config.model.num_layers=2",
+            "--config.model.num_heads=2",
+            "--config.model.intermediate_size=64",
+            "--config.model.max_position_embeddings=64",
+            "--config.model.hidden_dropout_rate=0.0",
+            f"--config.init_from={converted.workdir}",
+            f"--config.data.train_file={tmp_path / 'train.tsv'}",
+            f"--config.data.eval_file={tmp_path / 'eval.tsv'}",
+            "--config.data.max_seq_length=16",
+            "--config.train.batch_size=16",
+            "--config.eval.batch_size=16",
+            "--config.train.num_steps=2",
+            "--config.train.learning_rate=0.0",  # what was restored stays as it was
+            "--config.train.log_every=1",
+            "--config.checkpoint.async_save=False",
+        ],
+    )
+    result = finetune(config, str(tmp_path / "ft"))
+    assert result.final_step == 2 and "eval/accuracy" in result.eval_metrics
+    assert "bert/embeddings" in result.restored_groups and "bert/pooler" in result.restored_groups
+    _same_tree(jax.device_get(result.state.params["bert"]), read_params(converted.step_dir)["bert"])
+    # The fine-tuning workdir keeps the vocabulary and its casing.
+    assert (tmp_path / "ft/vocab.txt").read_bytes() == (
+        tmp_path / "converted/vocab.txt"
+    ).read_bytes()
+    kept = json.loads((tmp_path / "ft/tokenizer_config.json").read_text())
+    assert kept["do_lower_case"] is True and kept["flaxbert_original_ids"]["[CLS]"] == 101
+
+
+def _flaxbert_vocab(directory, config=None):
+    directory.mkdir()
+    order = vocabulary_order(HF_SPECIAL_IDS, VOCAB_SIZE)
+    pieces = [_hf_vocab()[i] for i in order]
+    (directory / "vocab.txt").write_text("".join(p + "\n" for p in pieces), encoding="utf-8")
+    if config is not None:
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return directory / "vocab.txt"
+
+
+def test_wordpiece_tokenizer_encodes_like_bert_with_offsets(tmp_path):
+    from transformers import BertTokenizer  # the pure-Python reference implementation
+
+    path = _flaxbert_vocab(tmp_path / "model", {"do_lower_case": True})
+    tok = load_tokenizer(path)
+    assert isinstance(tok, WordPieceTokenizer) and tok.casing.lowercase
+    text = "  Hello, Café  worlds! unaffable 日本 zq"
+    ids, start, end = tok.encode_with_offsets(text)
+    pieces = [tok.id_to_piece(i) for i in ids]
+    assert pieces == "hello , cafe world ##s ! un ##aff ##able 日 本 z ##q".split()
+    spans = [text[a:b] for a, b in zip(start, end, strict=True)]
+    assert spans == [
+        "Hello",
+        ",",
+        "Café",
+        "world",
+        "s",
+        "!",
+        "un",
+        "aff",
+        "able",
+        "日",
+        "本",
+        "z",
+        "q",
+    ]
+    assert ids.dtype == start.dtype == end.dtype == np.int32
+    reference = BertTokenizer(str(path), do_lower_case=True)
+    for sample in (text, "The movie was GREAT!!", "한국어 bad-plot, x\u200by ǅ", ""):
+        expected = reference.encode(sample, add_special_tokens=False)
+        assert tok.encode(sample).tolist() == expected, sample
+    # Raw text never produces a special id (transformers' BertTokenizer would give [CLS]).
+    assert tok.encode("[CLS] the").tolist() == tok.encode("[ cls ] the").tolist()
+    batch = tok.encode_batch([text, "the end"])
+    assert batch[0].tolist() == ids.tolist() and tok.decode(batch[1]) == "the end"
+    assert tok.decode([2, *ids.tolist(), 3, 0]) == "hello, cafe worlds! unaffable 日 本 zq"
+    assert tok.word_starts(ids).tolist() == [not p.startswith("##") for p in pieces]
+    assert tok.vocab_size == VOCAB_SIZE and tok.word_start[:5].all()
+
+    # Casing: tokenizer_config.json first, else the directory's name.
+    cased = load_tokenizer(_flaxbert_vocab(tmp_path / "bert-uncased", {"do_lower_case": False}))
+    assert not cased.casing.lowercase and cased.encode("Hello").tolist() == [1]  # [UNK]
+    assert load_tokenizer(_flaxbert_vocab(tmp_path / "tiny-uncased")).casing.lowercase
+    assert not load_tokenizer(_flaxbert_vocab(tmp_path / "tiny-cased")).casing.lowercase
+
+    hf_order = tmp_path / "hf"
+    hf_order.mkdir()
+    (hf_order / "vocab.txt").write_text("".join(p + "\n" for p in _hf_vocab()), encoding="utf-8")
+    with pytest.raises(ValueError, match=r"\[UNK\] should have id 1 but is at line\(s\) 100"):
+        load_tokenizer(hf_order / "vocab.txt")
+    with pytest.raises(ValueError, match="flaxbert convert --from-hf"):
+        load_tokenizer(hf_order)
+
+
+def test_sentencepiece_checkpoint_exports_with_its_model(hf, tmp_path, caplog):
+    *_, st_dir = hf
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"word{i % 37} thing{i % 11} more text" for i in range(400)))
+    sp = train_tokenizer([str(corpus)], 300, str(tmp_path / "sp"), num_threads=1)
+    assert isinstance(load_tokenizer(sp), Tokenizer)
+    converted = import_hf(str(st_dir), str(tmp_path / "conv"))
+    params = read_params(converted.step_dir)
+    rng = np.random.default_rng(0)
+    params["bert"]["embeddings"]["word_embeddings"] = rng.normal(size=(300, 32)).astype(np.float32)
+    params["mlm_output_bias"] = np.zeros(300, np.float32)
+    meta = ckpt.read_meta(converted.workdir)[1]
+    meta["model"]["vocab_size"] = 300
+    workdir = tmp_path / "sp_run"
+    workdir.mkdir()
+    meta["tokenizer"] = ckpt.keep_tokenizer(str(workdir), sp)
+    c = ckpt.Checkpoints(str(workdir / "checkpoints"), async_save=False)
+    c.save(0, params, {"x": np.zeros(())}, meta)
+    c.close()
+    with caplog.at_level(logging.WARNING, logger="flaxbert"):
+        result = export_hf(str(workdir), str(tmp_path / "out"))
+    assert result.tokenizer == "sentencepiece"
+    assert (tmp_path / "out/tokenizer.model").read_bytes() == (tmp_path / "sp.model").read_bytes()
+    assert not (tmp_path / "out/vocab.txt").exists()
+    assert "needs a matching tokenizer" in caplog.text
+
+
+def test_what_cannot_be_converted_is_named(hf, tmp_path, capsys):
+    from safetensors.numpy import load_file, save_file
+
+    from flaxbert import cli
+
+    *_, st_dir = hf
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConversionError, match="no config.json.*model.safetensors.*vocab.txt"):
+        import_hf(str(empty), str(tmp_path / "x"))
+
+    def variant(name, config=None, weights=None, vocab=None):
+        d = tmp_path / name
+        d.mkdir()
+        c = json.loads((st_dir / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**c, **(config or {})}))
+        if weights is not None:
+            save_file(weights, d / "model.safetensors")
+        (d / "vocab.txt").write_text(vocab or (st_dir / "vocab.txt").read_text())
+        return str(d)
+
+    (empty / "pytorch_model.bin").write_bytes(b"")
+    shutil.copy(st_dir / "config.json", empty)
+    with pytest.raises(ConversionError, match="no weights: expected model.safetensors.*PyTorch"):
+        import_hf(str(empty), str(tmp_path / "x"))
+
+    weights = load_file(st_dir / "model.safetensors")
+    odd = dict(weights)
+    del odd["cls.seq_relationship.bias"], odd["bert.encoder.layer.1.output.dense.weight"]
+    odd["bert.encoder.layer.0.attention.self.rotary.weight"] = np.zeros(2, np.float32)
+    with pytest.raises(ConversionError) as e:
+        import_hf(variant("odd", weights=odd), str(tmp_path / "x"))
+    message = str(e.value)
+    assert "2 weight(s) missing" in message and "cls.seq_relationship.bias" in message
+    assert "bert.encoder.layer.1.output.dense.weight" in message
+    assert "1 weight(s) flaxbert has no place for" in message and "rotary.weight" in message
+
+    untied = dict(weights)
+    untied["cls.predictions.decoder.weight"] = untied["cls.predictions.decoder.weight"] + 1
+    with pytest.raises(ConversionError, match="untied"):
+        import_hf(variant("untied", weights=untied), str(tmp_path / "x"))
+    with pytest.raises(ConversionError, match="hidden_act='relu'.*position_embedding_type"):
+        import_hf(
+            variant("act", {"hidden_act": "relu", "position_embedding_type": "relative_key"}),
+            str(tmp_path / "x"),
+        )
+    with pytest.raises(ConversionError, match="wrong shape.*word_embeddings"):
+        longer = "".join(p + "\n" for p in [*_hf_vocab(), "extra"])
+        import_hf(variant("size", {"vocab_size": 121}, weights, longer), str(tmp_path / "x"))
+    with pytest.raises(ConversionError, match=r"has 119 lines but config.json says vocab_size=120"):
+        short = "".join(p + "\n" for p in _hf_vocab()[:-1])
+        import_hf(variant("short", weights=weights, vocab=short), str(tmp_path / "x"))
+
+    # The command: flags checked, errors printed with status 2, and a working conversion.
+    assert cli.main(["convert", "--from-hf", str(st_dir)]) == 2
+    assert "needs --workdir OUT" in capsys.readouterr().err
+    out = tmp_path / "cli_out"
+    assert cli.main(["convert", "--from-hf", str(st_dir), "--workdir", str(out)]) == 0
+    assert cli.main(["convert", "--from-hf", str(st_dir), "--workdir", str(out)]) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert cli.main(["convert", "--to-hf", str(out), "--out", str(empty)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert cli.main(["convert", "--to-hf", str(out), "--out", str(tmp_path / "cli_hf")]) == 0
+    assert (tmp_path / "cli_hf/model.safetensors").exists()
