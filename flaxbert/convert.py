@@ -39,6 +39,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from flaxbert.model import STRUCTURAL_KEYS
 from flaxbert.tokenizer import (
     SPECIAL_TOKENS,
     WORDPIECE_CONFIG,
@@ -75,69 +76,71 @@ class ConversionError(ValueError):
 #   out_kernel   (D, N*H) -> (N, H, D)        (the attention output projection)
 Row = tuple[tuple[str, ...], str, str]
 
+_EMBEDDINGS = (  # under bert/embeddings and (prefix)embeddings.
+    ("word_embeddings", "word_embeddings.weight", "vocab_rows"),
+    ("position_embeddings", "position_embeddings.weight", "copy"),
+    ("segment_embeddings", "token_type_embeddings.weight", "copy"),
+    ("layer_norm/scale", "LayerNorm.weight", "copy"),
+    ("layer_norm/bias", "LayerNorm.bias", "copy"),
+)
+_LAYER = (  # under bert/layer_I and (prefix)encoder.layer.I.
+    *(
+        row
+        for n in ("query", "key", "value")
+        for row in (
+            (f"attention/{n}/kernel", f"attention.self.{n}.weight", "qkv_kernel"),
+            (f"attention/{n}/bias", f"attention.self.{n}.bias", "qkv_bias"),
+        )
+    ),
+    ("attention/output/kernel", "attention.output.dense.weight", "out_kernel"),
+    ("attention/output/bias", "attention.output.dense.bias", "copy"),
+    ("attention_layer_norm/scale", "attention.output.LayerNorm.weight", "copy"),
+    ("attention_layer_norm/bias", "attention.output.LayerNorm.bias", "copy"),
+    ("intermediate/kernel", "intermediate.dense.weight", "dense"),
+    ("intermediate/bias", "intermediate.dense.bias", "copy"),
+    ("output/kernel", "output.dense.weight", "dense"),
+    ("output/bias", "output.dense.bias", "copy"),
+    ("output_layer_norm/scale", "output.LayerNorm.weight", "copy"),
+    ("output_layer_norm/bias", "output.LayerNorm.bias", "copy"),
+)
+_POOLER = (  # under bert/pooler and (prefix)pooler.
+    ("kernel", "dense.weight", "dense"),
+    ("bias", "dense.bias", "copy"),
+)
+_MLM = (  # top level, and cls.predictions.
+    ("mlm_transform/kernel", "transform.dense.weight", "dense"),
+    ("mlm_transform/bias", "transform.dense.bias", "copy"),
+    ("mlm_layer_norm/scale", "transform.LayerNorm.weight", "copy"),
+    ("mlm_layer_norm/bias", "transform.LayerNorm.bias", "copy"),
+    ("mlm_output_bias", "bias", "vocab_rows"),
+)
+_NSP = (  # top level, and cls.seq_relationship.
+    ("nsp/kernel", "weight", "dense"),
+    ("nsp/bias", "bias", "copy"),
+)
+
+
+def _rows(table, path_prefix: str, name_prefix: str) -> list[Row]:
+    return [
+        (tuple((path_prefix + path).split("/")), name_prefix + name, layout)
+        for path, name, layout in table
+    ]
+
 
 def _encoder_rows(num_layers: int, prefix: str) -> list[Row]:
-    """The encoder's parameters (under `bert`) and their names (after `prefix`)."""
-    e = ("bert", "embeddings")
-    rows = [
-        (e + ("word_embeddings",), "embeddings.word_embeddings.weight", "vocab_rows"),
-        (e + ("position_embeddings",), "embeddings.position_embeddings.weight", "copy"),
-        (e + ("segment_embeddings",), "embeddings.token_type_embeddings.weight", "copy"),
-        (e + ("layer_norm", "scale"), "embeddings.LayerNorm.weight", "copy"),
-        (e + ("layer_norm", "bias"), "embeddings.LayerNorm.bias", "copy"),
-    ]
+    """The encoder's parameters (under `bert`) and their names (`prefix` is 'bert.' or '')."""
+    rows = _rows(_EMBEDDINGS, "bert/embeddings/", prefix + "embeddings.")
     for i in range(num_layers):
-        f, t = ("bert", f"layer_{i}"), f"encoder.layer.{i}."
-        for name in ("query", "key", "value"):
-            rows += [
-                (
-                    f + ("attention", name, "kernel"),
-                    f"{t}attention.self.{name}.weight",
-                    "qkv_kernel",
-                ),
-                (f + ("attention", name, "bias"), f"{t}attention.self.{name}.bias", "qkv_bias"),
-            ]
-        rows += [
-            (
-                f + ("attention", "output", "kernel"),
-                t + "attention.output.dense.weight",
-                "out_kernel",
-            ),
-            (f + ("attention", "output", "bias"), t + "attention.output.dense.bias", "copy"),
-            (
-                f + ("attention_layer_norm", "scale"),
-                t + "attention.output.LayerNorm.weight",
-                "copy",
-            ),
-            (f + ("attention_layer_norm", "bias"), t + "attention.output.LayerNorm.bias", "copy"),
-            (f + ("intermediate", "kernel"), t + "intermediate.dense.weight", "dense"),
-            (f + ("intermediate", "bias"), t + "intermediate.dense.bias", "copy"),
-            (f + ("output", "kernel"), t + "output.dense.weight", "dense"),
-            (f + ("output", "bias"), t + "output.dense.bias", "copy"),
-            (f + ("output_layer_norm", "scale"), t + "output.LayerNorm.weight", "copy"),
-            (f + ("output_layer_norm", "bias"), t + "output.LayerNorm.bias", "copy"),
-        ]
-    return [(path, prefix + name, layout) for path, name, layout in rows]
+        rows += _rows(_LAYER, f"bert/layer_{i}/", f"{prefix}encoder.layer.{i}.")
+    return rows
 
 
 def _pooler_rows(prefix: str) -> list[Row]:
-    return [
-        (("bert", "pooler", "kernel"), prefix + "pooler.dense.weight", "dense"),
-        (("bert", "pooler", "bias"), prefix + "pooler.dense.bias", "copy"),
-    ]
+    return _rows(_POOLER, "bert/pooler/", prefix + "pooler.")
 
 
-MLM_ROWS: list[Row] = [
-    (("mlm_transform", "kernel"), "cls.predictions.transform.dense.weight", "dense"),
-    (("mlm_transform", "bias"), "cls.predictions.transform.dense.bias", "copy"),
-    (("mlm_layer_norm", "scale"), "cls.predictions.transform.LayerNorm.weight", "copy"),
-    (("mlm_layer_norm", "bias"), "cls.predictions.transform.LayerNorm.bias", "copy"),
-    (("mlm_output_bias",), "cls.predictions.bias", "vocab_rows"),
-]
-NSP_ROWS: list[Row] = [
-    (("nsp", "kernel"), "cls.seq_relationship.weight", "dense"),
-    (("nsp", "bias"), "cls.seq_relationship.bias", "copy"),
-]
+MLM_ROWS = _rows(_MLM, "", "cls.predictions.")
+NSP_ROWS = _rows(_NSP, "", "cls.seq_relationship.")
 # HuggingFace ties these to the word embeddings and the MLM bias; flaxbert has no copies.
 TIED_DECODER = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
 # Buffers, not parameters.
@@ -151,13 +154,12 @@ def _to_flaxbert(layout: str, w: np.ndarray, num_heads: int, order: np.ndarray) 
         return w[order]
     if layout == "dense":
         return w.T
-    d = w.shape[-1] if layout == "qkv_kernel" else w.shape[0]
     if layout == "qkv_kernel":
-        return w.T.reshape(d, num_heads, -1)
+        return w.T.reshape(w.shape[1], num_heads, -1)
     if layout == "qkv_bias":
         return w.reshape(num_heads, -1)
     if layout == "out_kernel":
-        return w.T.reshape(num_heads, -1, d)
+        return w.T.reshape(num_heads, -1, w.shape[0])
     raise AssertionError(layout)
 
 
@@ -500,6 +502,38 @@ def special_ids(pieces: Sequence[str], where: str) -> list[int]:
     return ids
 
 
+def hf_to_params(
+    weights: Mapping[str, np.ndarray], config, order: np.ndarray, where: str
+) -> tuple[dict, list[str]]:
+    """flaxbert's parameter tree (float32, vocabulary rows in `order`) from HuggingFace
+    weights in PyTorch names and layouts, and the heads present ('pooler', 'mlm', 'nsp')."""
+    weights = _canonical(weights)
+    mapped = map_hf_names(weights, config.num_layers, where)
+    prefix = "bert." if any(n.startswith("bert.") for n in weights) else ""
+    _check_tied(weights, prefix, where)
+    shapes = _flaxbert_shapes(config)
+    params: dict = {}
+    bad, cast = [], set()
+    for path, name, layout in mapped.rows:
+        w = weights[name]
+        want = _hf_shape(layout, shapes[path])
+        if tuple(w.shape) != want:
+            bad.append(f"{name}: {tuple(w.shape)} in the file, {want} from {HF_CONFIG}")
+            continue
+        if w.dtype != np.float32:
+            cast.add(str(w.dtype))
+        w = w.astype(np.float32, copy=False)
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = np.ascontiguousarray(_to_flaxbert(layout, w, config.num_heads, order))
+    if bad:
+        raise ConversionError(f"{where}: weights of the wrong shape:\n{_listed(bad)}")
+    if cast:
+        log.info("convert: %s weights cast to float32", ", ".join(sorted(cast)))
+    return params, mapped.heads
+
+
 # ------------------------------------------------------------------------------ import
 
 
@@ -546,32 +580,7 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
         casing = WordPieceCasing(lowercase, source=f"--lowercase {str(lowercase).lower()}")
 
     weights, source = read_hf_weights(hf_dir)
-    weights = _canonical(weights)
-    mapped = map_hf_names(weights, config.num_layers, source)
-    prefix = "bert." if any(n.startswith("bert.") for n in weights) else ""
-    _check_tied(weights, prefix, source)
-    shapes = _flaxbert_shapes(config)
-    params: dict = {}
-    bad, cast = [], set()
-    for path, name, layout in mapped.rows:
-        w = weights[name]
-        want = _hf_shape(layout, shapes[path])
-        if tuple(w.shape) != want:
-            bad.append(f"{name}: {tuple(w.shape)} in the file, {want} from {HF_CONFIG}")
-            continue
-        if w.dtype != np.float32:
-            cast.add(str(w.dtype))
-        x = np.ascontiguousarray(
-            _to_flaxbert(layout, w.astype(np.float32), config.num_heads, order)
-        )
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = x
-    if bad:
-        raise ConversionError(f"{source}: weights of the wrong shape:\n{_listed(bad)}")
-    if cast:
-        log.info("convert: %s weights cast to float32", ", ".join(sorted(cast)))
+    params, heads = hf_to_params(weights, config, order, source)
 
     directory = os.path.join(workdir, ckpt.SUBDIR)
     if os.path.isdir(directory) and os.listdir(directory):
@@ -603,7 +612,7 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
         "converted_from": {
             "directory": hf_dir,
             "weights": os.path.basename(source),
-            "heads": mapped.heads,
+            "heads": heads,
             "huggingface_config": hf_config,
         },
     }
@@ -620,34 +629,23 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
         checkpoints.close()
     moved = ", ".join(f"{p} {i}->{j}" for j, (p, i) in enumerate(original_ids.items()) if i != j)
     log.info(
-        "convert: %s (%s; %d layers, hidden %d, %d heads, vocabulary %d) -> %s\n"
-        "  vocabulary: %s; lowercase=%s (%s)\n"
-        "  fine-tune: flaxbert finetune --config configs/finetune.py:TASK,VARIANT "
-        "--config.init_from=%s with the model keys num_layers=%d hidden_size=%d num_heads=%d "
-        "intermediate_size=%d max_position_embeddings=%d type_vocab_size=%d",
+        "convert: %s (%s) -> %s\n  vocabulary: %s; lowercase=%s (%s)\n  fine-tune: flaxbert "
+        "finetune --config configs/finetune.py:TASK,VARIANT --config.init_from=%s with the "
+        "model keys %s",
         hf_dir,
-        ", ".join([os.path.basename(source), "encoder", *mapped.heads]),
-        config.num_layers,
-        config.hidden_size,
-        config.num_heads,
-        config.vocab_size,
-        ckpt.checkpoint_directory(workdir) + "/0",
+        ", ".join([os.path.basename(source), "encoder", *heads]),
+        os.path.join(directory, "0"),
         f"special tokens moved to flaxbert's ids ({moved})" if moved else "kept as it was",
         casing.lowercase,
         casing.source,
         workdir,
-        config.num_layers,
-        config.hidden_size,
-        config.num_heads,
-        config.intermediate_size,
-        config.max_position_embeddings,
-        config.type_vocab_size,
+        " ".join(f"{k}={model[k]}" for k in STRUCTURAL_KEYS),
     )
     return ImportResult(
         workdir=workdir,
         step_dir=os.path.join(directory, "0"),
         model=model,
-        heads=mapped.heads,
+        heads=heads,
         weights_file=source,
         original_ids=original_ids,
         casing=casing,
@@ -697,127 +695,124 @@ def _get(tree: Mapping, path: tuple[str, ...]):
     return tree
 
 
-def export_hf(checkpoint: str, out_dir: str) -> ExportResult:
-    """Writes the checkpoint `checkpoint` names (a workdir, its checkpoints/ or a step
-    directory; pre-training, converted or fine-tuned) as a HuggingFace BERT directory."""
-    from flaxbert import checkpoint as ckpt
-    from flaxbert.model import BertConfig, unstack_layers
-    from flaxbert.tokenizer import load_tokenizer
+_MLM_GROUPS = ("mlm_transform", "mlm_layer_norm", "mlm_output_bias")
+_ARCHITECTURES = {  # (MLM head, NSP head) -> the HuggingFace class that has them
+    (True, True): "BertForPreTraining",
+    (True, False): "BertForMaskedLM",
+    (False, True): "BertForNextSentencePrediction",
+    (False, False): "BertModel",
+}
 
-    step_dir, meta = ckpt.read_meta(checkpoint)
-    values = meta.get("model") or meta.get("config", {}).get("model")
-    if not values:
-        raise ConversionError(f"{step_dir}: its meta names no model config")
-    try:
-        config = BertConfig.from_dict(values)
-    except ValueError as e:
-        raise ConversionError(f"{step_dir}: {e}") from None
-    out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ConversionError(f"--out {out_dir} is not empty; give a new or empty directory")
 
-    params = read_params(step_dir)
-    if "bert" not in params:
-        raise ConversionError(f"{step_dir}: no encoder (parameter group 'bert') to export")
+def params_to_hf(params: Mapping, config, inverse: np.ndarray) -> tuple[dict, str, list[str]]:
+    """(HuggingFace weights in PyTorch names and layouts, architecture, heads) of a flaxbert
+    parameter tree (layers stacked or not); vocabulary rows go back to `inverse` order. A
+    bare encoder gets BertModel's names (no `bert.` prefix). Task heads are left out."""
+    from flaxbert.model import unstack_layers
+
     params = dict(params)
-    bert = dict(params["bert"])
-    if "layers" in bert:  # model.scan_layers: one stacked tree
-        bert = unstack_layers(bert)
-    params["bert"] = bert
-    mlm = all(k in params for k in ("mlm_transform", "mlm_layer_norm", "mlm_output_bias"))
+    if "layers" in params["bert"]:  # model.scan_layers: one stacked tree
+        params["bert"] = unstack_layers(params["bert"])
+    mlm = all(k in params for k in _MLM_GROUPS)
     nsp = "nsp" in params
-    heads = ["pooler"] if "pooler" in bert else []
-    heads += (["mlm"] if mlm else []) + (["nsp"] if nsp else [])
-    exported = {"bert"} | ({"mlm_transform", "mlm_layer_norm", "mlm_output_bias"} if mlm else set())
-    exported |= {"nsp"} if nsp else set()
-    not_exported = sorted(set(params) - exported)
-    architecture = {
-        (True, True): "BertForPreTraining",
-        (True, False): "BertForMaskedLM",
-        (False, True): "BertForNextSentencePrediction",
-        (False, False): "BertModel",
-    }[(mlm, nsp)]
-
-    tokenizer_path = ckpt.tokenizer_of(checkpoint)
-    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
-    order = np.arange(config.vocab_size)
-    kind = ""
-    if tokenizer is not None:
-        kind = "wordpiece" if isinstance(tokenizer, WordPieceTokenizer) else "sentencepiece"
-        if tokenizer.vocab_size != config.vocab_size:
-            raise ConversionError(
-                f"{step_dir}: the model's vocabulary has {config.vocab_size} rows but its "
-                f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces"
-            )
-    if kind == "wordpiece":
-        original = _original_ids(tokenizer_path)
-        if original is not None:
-            order = vocabulary_order([original[p] for p in SPECIAL_TOKENS], config.vocab_size)
-    inverse = np.argsort(order)
-
+    pooler = "pooler" in params["bert"]
     prefix = "bert." if (mlm or nsp) else ""
     rows = _encoder_rows(config.num_layers, prefix)
-    rows += _pooler_rows(prefix) if "pooler" in bert else []
-    rows += (MLM_ROWS if mlm else []) + (NSP_ROWS if nsp else [])
+    rows += (_pooler_rows(prefix) if pooler else []) + (MLM_ROWS if mlm else [])
+    rows += NSP_ROWS if nsp else []
     weights, cast = {}, set()
     for path, name, layout in rows:
         x = np.asarray(_get(params, path))
-        if x.dtype not in (np.float32, np.float16):
+        if x.dtype not in (np.float32, np.float16):  # safetensors.numpy has no bfloat16
             cast.add(str(x.dtype))
             x = x.astype(np.float32)
         weights[name] = np.ascontiguousarray(_to_hf(layout, x, inverse))
+    if cast:
+        log.info("convert: %s parameters written as float32", ", ".join(sorted(cast)))
+    heads = [h for h, present in (("pooler", pooler), ("mlm", mlm), ("nsp", nsp)) if present]
+    return weights, _ARCHITECTURES[(mlm, nsp)], heads
 
+
+def export_hf(checkpoint: str, out_dir: str) -> ExportResult:
+    """Writes the checkpoint `checkpoint` names (a workdir, its checkpoints/ or a step
+    directory; pre-training, converted or fine-tuned) as a HuggingFace BERT directory."""
     from safetensors.numpy import save_file
+
+    from flaxbert import checkpoint as ckpt
+    from flaxbert.model import BertConfig
+    from flaxbert.tokenizer import load_tokenizer
+
+    step_dir, meta = ckpt.read_meta(checkpoint)
+    try:
+        config = BertConfig.from_dict(meta.get("model") or meta["config"]["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ConversionError(f"{step_dir}: no usable model config in its meta ({e})") from None
+    out_dir = os.path.abspath(out_dir)
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ConversionError(f"--out {out_dir} is not empty; give a new or empty directory")
+    params = read_params(step_dir)
+    if "bert" not in params:
+        raise ConversionError(f"{step_dir}: no encoder (parameter group 'bert') to export")
+
+    tokenizer_path = ckpt.tokenizer_of(checkpoint)
+    tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path else None
+    if tokenizer is not None and tokenizer.vocab_size != config.vocab_size:
+        raise ConversionError(
+            f"{step_dir}: the model's vocabulary has {config.vocab_size} rows but its "
+            f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} pieces"
+        )
+    order = np.arange(config.vocab_size)
+    original = _original_ids(tokenizer_path) if tokenizer_path else None
+    if isinstance(tokenizer, WordPieceTokenizer) and original is not None:
+        order = vocabulary_order([original[p] for p in SPECIAL_TOKENS], config.vocab_size)
+    weights, architecture, heads = params_to_hf(params, config, np.argsort(order))
 
     os.makedirs(out_dir, exist_ok=True)
     save_file(weights, os.path.join(out_dir, SAFETENSORS), metadata={"format": "pt"})
     base = (meta.get("converted_from") or {}).get("huggingface_config")
-    _write_json(
-        os.path.join(out_dir, HF_CONFIG),
-        hf_config_from_bert(config, architecture, int(order[0]), base),
-    )
-    if kind == "wordpiece":
-        hf_pieces = [""] * config.vocab_size
-        for i, piece in enumerate(tokenizer.pieces):
-            hf_pieces[order[i]] = piece
-        _write_lines(os.path.join(out_dir, WORDPIECE_VOCAB), hf_pieces)
-        _write_json(
-            os.path.join(out_dir, WORDPIECE_CONFIG),
-            {
-                "tokenizer_class": "BertTokenizer",
-                **tokenizer.casing.to_json(),
-                "model_max_length": config.max_position_embeddings,
-            },
-        )
-    elif kind == "sentencepiece":
-        shutil.copyfile(tokenizer_path, os.path.join(out_dir, SENTENCEPIECE_FILE))
-        log.warning(
-            "convert: the checkpoint's tokenizer is SentencePiece: copied to %s. HuggingFace's "
-            "BertTokenizer reads only a WordPiece vocab.txt, so using this model there needs a "
-            "matching tokenizer: load %s with sentencepiece (ids 0-4 are %s) or wrap it in a "
-            "tokenizers/transformers tokenizer yourself",
-            os.path.join(out_dir, SENTENCEPIECE_FILE),
-            SENTENCEPIECE_FILE,
-            " ".join(SPECIAL_TOKENS),
-        )
-    else:
-        log.warning(
-            "convert: %s has no tokenizer (pre-trained on the embedded synthetic corpus): "
-            "no vocabulary written",
-            step_dir,
-        )
-    if cast:
-        log.info("convert: %s parameters written as float32", ", ".join(sorted(cast)))
+    config_json = hf_config_from_bert(config, architecture, int(order[0]), base)
+    _write_json(os.path.join(out_dir, HF_CONFIG), config_json)
+    kind = _write_tokenizer(tokenizer, tokenizer_path, order, config, out_dir)
+    not_exported = sorted(set(params) - {"bert", "nsp", *_MLM_GROUPS})
     log.info(
-        "convert: %s -> %s (%s: encoder%s%s)%s",
+        "convert: %s -> %s (%s: encoder, %s)%s",
         step_dir,
         out_dir,
         architecture,
-        ", pooler" if "pooler" in bert else "",
-        (", MLM head" if mlm else "") + (", NSP head" if nsp else ""),
+        ", ".join(heads) or "no heads",
         f"; not exported: {', '.join(not_exported)}" if not_exported else "",
     )
     return ExportResult(out_dir, architecture, heads, kind, not_exported)
+
+
+def _write_tokenizer(tokenizer, path: str, order: np.ndarray, config, out_dir: str) -> str:
+    if isinstance(tokenizer, WordPieceTokenizer):
+        hf_pieces = [""] * len(order)
+        for i, piece in enumerate(tokenizer.pieces):
+            hf_pieces[order[i]] = piece
+        _write_lines(os.path.join(out_dir, WORDPIECE_VOCAB), hf_pieces)
+        tokenizer_config = {
+            "tokenizer_class": "BertTokenizer",
+            **tokenizer.casing.to_json(),
+            "model_max_length": config.max_position_embeddings,
+        }
+        _write_json(os.path.join(out_dir, WORDPIECE_CONFIG), tokenizer_config)
+        return "wordpiece"
+    if tokenizer is not None:
+        target = os.path.join(out_dir, SENTENCEPIECE_FILE)
+        shutil.copyfile(path, target)
+        log.warning(
+            "convert: the checkpoint's tokenizer is SentencePiece, copied to %s. HuggingFace's "
+            "BertTokenizer reads only a WordPiece vocab.txt, so using this model there needs a "
+            "matching tokenizer: load %s with sentencepiece (ids 0-4 are %s) or wrap it in a "
+            "tokenizers/transformers tokenizer yourself",
+            target,
+            SENTENCEPIECE_FILE,
+            " ".join(SPECIAL_TOKENS),
+        )
+        return "sentencepiece"
+    log.warning("convert: no tokenizer (pre-trained on the embedded synthetic corpus) to write")
+    return ""
 
 
 def _original_ids(vocab_path: str) -> dict[str, int] | None:

@@ -389,6 +389,15 @@ def finetune(
     step = start_step
     best_file = os.path.join(workdir, "best_eval_predictions.jsonl")
     batches = None
+    preempted = False
+    finished_before = start_step >= num_steps
+    if finished_before:
+        log.info(
+            "the checkpoint is at step %d, the run has %d steps: already finished, nothing to "
+            "train (final_metrics.json is left as it is)",
+            start_step,
+            num_steps,
+        )
     try:
         pending = None
 
@@ -489,11 +498,13 @@ def finetune(
         checkpoints.close()
     wall = time.perf_counter() - start
     speed = trained_examples / train_time if train_time else 0.0
-    if is_chief:
+    # Written when the run ends (not when preempted, nor when it had finished before).
+    if is_chief and not preempted and not finished_before:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump(
                 {
                     "step": step,
+                    "num_steps": num_steps,
                     **last_eval,
                     "best": best,
                     "train_examples_per_sec": speed,

@@ -179,9 +179,12 @@ def summary_figure(rows: Sequence[Mapping], swept: Sequence[str], metric: str):
             mx = sorted(means)
             ax.plot(mx, [sum(means[x]) / len(means[x]) for x in mx], color=dots.get_facecolor()[0])
         if numeric:
-            values = [r[key] for r in done]
+            values = sorted({r[key] for r in done})
             if min(values) > 0 and max(values) / min(values) >= 10:
                 ax.set_xscale("log")
+            if len(values) <= 8:  # a tick at each swept value, written as in the config
+                ax.minorticks_off()
+                ax.set_xticks(values, [repr(v) if isinstance(v, float) else v for v in values])
         else:
             ax.set_xticks(range(len(order)), order)
         ax.set_xlabel(key)

@@ -7,35 +7,36 @@ the argument given to `get_config` for that run, which sweeps over config varian
 sizes, tasks). Without it the point uses the ARG of `--config FILE[:ARG]`. Build points
 with the helpers below:
 
-    from flaxbert.sweep import grid, product, zip_
+    from flaxbert.sweep import grid, product, variants, zip_
 
-    def get_sweep(arg):
+    def get_sweep(arg):  # 2 x 2 x 2 = 8 points, from tiny,lr=0.001,warmup=100,seed=0 on
         return product(
-            grid(**{"train.learning_rate": [1e-4, 3e-4], "config_arg": ["tiny", "mini"]}),
-            zip_(**{"train.seed": [0, 1], "data.seed": [10, 11]}),
+            variants("tiny", "mini"),
+            zip_(**{"train.learning_rate": [1e-3, 3e-4], "train.warmup_steps": [100, 50]}),
+            grid(**{"train.seed": [0, 1]}),
         )
 
 `flaxbert sweep` runs each point as `python -m flaxbert.cli pretrain|finetune --config
 FILE:ARG --workdir DIR/NAME --config.KEY=VALUE ...`, where NAME is made from the values that
 vary (`lr=0.0001,seed=1`), skips finished points, resumes interrupted ones, and writes
-DIR/sweep.json and the summary (DIR/summary.csv, summary.md, summary.png).
+DIR/sweep.json and the summary (DIR/summary.csv, summary.md, summary.png; see
+flaxbert/sweep_summary.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import csv
 import dataclasses
 import datetime
 import hashlib
 import inspect
 import itertools
 import json
-import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -121,7 +122,7 @@ def swept_keys(points: Sequence[Mapping]) -> list[str]:
     """Keys whose value is not the same in every point (a key some points lack counts),
     in first-seen order, `config_arg` first."""
     keys = list(dict.fromkeys(k for p in points for k in p))
-    swept = [k for k in keys if len({_value_text(p.get(k, "")) for p in points}) > 1]
+    swept = [k for k in keys if len({value_text(p.get(k, "")) for p in points}) > 1]
     return sorted(swept, key=lambda k: k != CONFIG_ARG)
 
 
@@ -129,7 +130,7 @@ def is_seed_key(key: str) -> bool:
     return key.rsplit(".", 1)[-1] == "seed"
 
 
-def _value_text(value: Any) -> str:
+def value_text(value: Any) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
@@ -154,7 +155,7 @@ def point_names(points: Sequence[Mapping]) -> list[str]:
             if k == CONFIG_ARG:
                 parts.append(str(p[k]).replace(",", "-"))
             else:
-                parts.append(f"{short[k]}={_value_text(p[k])}")
+                parts.append(f"{short[k]}={value_text(p[k])}")
         name = _sanitise(",".join(parts)) or "default"
         if len(name) > _MAX_NAME:
             digest = hashlib.sha1(name.encode()).hexdigest()[:8]
@@ -205,7 +206,7 @@ def shell(argv: Sequence[str]) -> str:
 
 
 def override_args(overrides: Mapping[str, Any]) -> list[str]:
-    return [f"--config.{k}={_value_text(v)}" for k, v in overrides.items()]
+    return [f"--config.{k}={value_text(v)}" for k, v in overrides.items()]
 
 
 def get_points(path: str, arg: str) -> list[dict]:
@@ -216,8 +217,14 @@ def get_points(path: str, arg: str) -> list[dict]:
             f"config file {path!r} defines no get_sweep(arg) function; see flaxbert/sweep.py "
             "and configs/sweeps/ for the format"
         )
-    takes_arg = bool(inspect.signature(module.get_sweep).parameters)
-    points = module.get_sweep(arg) if (arg and takes_arg) else module.get_sweep()
+    params = list(inspect.signature(module.get_sweep).parameters.values())
+    try:
+        if not params or (not arg and params[0].default is not inspect.Parameter.empty):
+            points = module.get_sweep()  # no argument, or its default
+        else:
+            points = module.get_sweep(arg)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: get_sweep({arg!r}): {e}") from None
     if not points or not all(isinstance(p, Mapping) for p in points):
         raise ConfigError(f"{path}: get_sweep must return a non-empty list of dicts")
     return [dict(p) for p in points]
@@ -281,7 +288,7 @@ def write_sweep_json(sweep: Sweep) -> str:
 # --- running ---------------------------------------------------------------------------
 
 
-def _read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict | None:
     try:
         with open(path) as f:
             return json.load(f)
@@ -293,7 +300,7 @@ def is_finished(workdir: str, num_steps: int) -> bool:
     """WORKDIR/final_metrics.json exists and its step reached `num_steps`. With num_steps 0
     (fine-tuning by epochs: the count needs the data) the run's last step must be its last
     evaluation's, as it is at the end of training and not after a preemption between two."""
-    final = _read_json(os.path.join(workdir, "final_metrics.json"))
+    final = read_json(os.path.join(workdir, "final_metrics.json"))
     if not final or "step" not in final:
         return False
     if num_steps > 0:
@@ -307,16 +314,40 @@ def point_status(workdir: str, num_steps: int) -> str:
     finished: running, interrupted or preempted) or missing (never started)."""
     if is_finished(workdir, num_steps):
         return "done"
-    last = _read_json(os.path.join(workdir, "sweep_status.json"))
+    last = read_json(os.path.join(workdir, "sweep_status.json"))
     if last and last.get("returncode"):
         return "failed"
     return "incomplete" if os.path.isdir(workdir) else "missing"
 
 
+# The default runner's processes, so that Ctrl-C can stop them; none start once it is set.
+_RUNNING: set[subprocess.Popen] = set()
+_RUNNING_LOCK = threading.Lock()
+_STOPPING = threading.Event()
+
+
 def run_subprocess(point: Point, log: TextIO) -> int:
     """The default runner: the point's command, stdout and stderr appended to its log."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(point.argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    with _RUNNING_LOCK:
+        if _STOPPING.is_set():
+            return -signal.SIGTERM
+        proc = subprocess.Popen(point.argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _RUNNING.add(proc)
+    try:
+        return proc.wait()
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
+
+
+def _stop_running() -> None:
+    """SIGTERM to the points still running: flaxbert saves a checkpoint and exits."""
+    with _RUNNING_LOCK:
+        _STOPPING.set()
+        for proc in _RUNNING:
+            if proc.poll() is None:
+                proc.terminate()
 
 
 def tail(path: str, lines: int = 15) -> str:
@@ -354,6 +385,8 @@ def run_sweep(
     failures: list[str] = []
 
     def run_one(i: int, p: Point) -> None:
+        if _STOPPING.is_set():
+            return
         resumed = os.path.isdir(p.workdir)
         os.makedirs(p.workdir, exist_ok=True)
         log_path = os.path.join(p.workdir, "log.txt")
@@ -364,10 +397,10 @@ def run_sweep(
             log.write(f"=== flaxbert sweep, {stamp}: {shell(p.argv)}\n")
             log.flush()
             try:
-                code = runner(p, log)
-            except Exception:  # a runner that cannot start the command is a failed point
+                code, error = runner(p, log), ""
+            except Exception as e:  # a command that cannot start is a failed point
                 log.write(traceback.format_exc())
-                code = -1
+                code, error = 127, f"could not run it ({type(e).__name__}: {e})"
         seconds = time.perf_counter() - start
         finished = is_finished(p.workdir, p.num_steps)
         with open(os.path.join(p.workdir, "sweep_status.json"), "w") as f:
@@ -375,11 +408,14 @@ def run_sweep(
         if code == 0 and finished:
             say(f"[{i}/{n}] {p.name}: done in {seconds:.1f}s")
             return
-        why = (
-            f"exit code {code}"
-            if code
-            else f"exit code 0 but not finished (step {p.num_steps or 'end'} not reached)"
-        )
+        if error:
+            why = error
+        elif code < 0:
+            why = f"killed by signal {-code}"
+        elif code:
+            why = f"exit code {code}"
+        else:
+            why = f"exit code 0 but not finished (step {p.num_steps or 'end'} not reached)"
         with lock:
             failures.append(p.name)
         say(
@@ -387,9 +423,24 @@ def run_sweep(
             f"{log_path}:\n{tail(log_path)}"
         )
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
-        for future in [pool.submit(run_one, i, p) for i, p in todo]:
+    _STOPPING.clear()
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, parallel))
+    try:
+        futures = [pool.submit(run_one, i, p) for i, p in todo]
+        for future in concurrent.futures.as_completed(futures):
             future.result()
+    except KeyboardInterrupt:
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_running()
+        say(
+            "interrupted: the running points save a checkpoint and stop; run the same command "
+            "again to resume them"
+        )
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    from flaxbert.sweep_summary import write_summary
+
     paths = write_summary(sweep.workdir, metric=metric)
     say(f"summary: {', '.join(paths)}")
     if failures:
@@ -479,177 +530,6 @@ echo "=== flaxbert sweep, SLURM job ${{SLURM_ARRAY_JOB_ID:-}}_$i: ${{cmd[*]}}" >
         f.write(text)
     os.chmod(path, 0o755)
     return path
-
-
-# --- summary ---------------------------------------------------------------------------
-
-
-def _lower_is_better(key: str) -> bool:
-    return "loss" in key or "perplexity" in key
-
-
-def point_row(point: Mapping, sweep_dir: str, swept: Sequence[str]) -> dict:
-    """One summary row: name, status, swept values, final, test and best metrics, wall time.
-    Best: fine-tuning's `best` evaluation (by its main metric); pre-training: each eval/*
-    metric's best value over metrics.jsonl (lowest loss, highest accuracy)."""
-    workdir = os.path.join(sweep_dir, point["name"])
-    row: dict[str, Any] = {"name": point["name"]}
-    row["status"] = point_status(workdir, point["num_steps"])
-    for key in swept:
-        row[key] = point["config_arg"] if key == CONFIG_ARG else point["overrides"].get(key, "")
-    final = _read_json(os.path.join(workdir, "final_metrics.json")) or {}
-    test = _read_json(os.path.join(workdir, "test_metrics.json")) or {}
-    if final:
-        row["step"] = final.get("step")
-    for source in (final, test):
-        for k, v in source.items():
-            if k.startswith(("eval/", "test/")) and isinstance(v, int | float):
-                row[k] = v
-    best = final.get("best")
-    if isinstance(best, dict):
-        row.update({f"best/{k}": v for k, v in best.items() if isinstance(v, int | float)})
-    elif final:
-        history: dict[str, list[float]] = {}
-        for r in read_metrics(workdir):
-            for k, v in r.items():
-                if k.startswith("eval/"):
-                    history.setdefault(k, []).append(v)
-        for k, values in history.items():
-            row[f"best/{k}"] = min(values) if _lower_is_better(k) else max(values)
-    if "wall_time_s" in final:
-        row["wall_time_s"] = final["wall_time_s"]
-    return row
-
-
-def metric_columns(rows: Sequence[Mapping]) -> list[str]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    order = ("eval/", "test/", "best/")
-    cols = [k for prefix in order for k in sorted(keys) if k.startswith(prefix)]
-    return cols + (["wall_time_s"] if "wall_time_s" in keys else [])
-
-
-def group_over_seeds(rows: Sequence[Mapping], swept: Sequence[str]) -> list[dict]:
-    """Mean and sample standard deviation of each metric over the seed keys' values, per
-    combination of the other swept keys; only finished points count. [] without seeds."""
-    seeds = [k for k in swept if is_seed_key(k)]
-    if not seeds:
-        return []
-    others = [k for k in swept if k not in seeds]
-    done = [r for r in rows if r["status"] == "done"]
-    metrics = metric_columns(done)
-    groups: dict[tuple, list[Mapping]] = {}
-    for r in rows:  # first-seen order of the combinations, finished or not
-        groups.setdefault(tuple(_value_text(r[k]) for k in others), [])
-    for r in done:
-        groups[tuple(_value_text(r[k]) for k in others)].append(r)
-    first = {tuple(_value_text(r[k]) for k in others): r for r in reversed(rows)}
-    out = []
-    for key, members in groups.items():
-        g: dict[str, Any] = {k: first[key][k] for k in others}
-        g["n"] = len(members)
-        for m in metrics:
-            values = [float(r[m]) for r in members if isinstance(r.get(m), int | float)]
-            if values:
-                mean = sum(values) / len(values)
-                var = sum((v - mean) ** 2 for v in values) / max(len(values) - 1, 1)
-                g[f"{m} mean"] = mean
-                g[f"{m} std"] = math.sqrt(var) if len(values) > 1 else float("nan")
-        out.append(g)
-    return out
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return f"{value:.4f}" if 1e-3 <= abs(value) < 1e4 or value == 0 else f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def _mean_std(mean: float | None, std: float | None) -> str:
-    if mean is None:
-        return ""
-    return _fmt(mean) if std is None or math.isnan(std) else f"{_fmt(mean)} ± {_fmt(std)}"
-
-
-def _markdown_table(
-    rows: Sequence[Mapping], columns: Sequence[str], exact: Sequence[str] = ()
-) -> list[str]:
-    """Metrics rounded to 4 decimals; the `exact` columns (swept values) as given."""
-
-    def cell(r: Mapping, c: str) -> str:
-        return _value_text(r.get(c, "")) if c in exact else _fmt(r.get(c))
-
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
-    return lines
-
-
-def _write_csv(path: str, rows: Sequence[Mapping], columns: Sequence[str]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-@dataclasses.dataclass(frozen=True)
-class Summary:
-    rows: list[dict]
-    columns: list[str]
-    grouped: list[dict]  # mean/std over seeds; [] when no seed key is swept
-    grouped_columns: list[str]
-    swept: list[str]
-    metric: str  # the headline metric of the plot
-
-
-def summarise(sweep_dir: str, metric: str | None = None) -> Summary:
-    """Reads DIR/sweep.json and every point's workdir."""
-    meta = _read_json(os.path.join(sweep_dir, "sweep.json"))
-    if meta is None:
-        raise ConfigError(f"no readable sweep.json in {sweep_dir!r}: run `flaxbert sweep` first")
-    swept = meta["swept"]
-    rows = [point_row(p, sweep_dir, swept) for p in meta["points"]]
-    columns = ["name", "status", *swept, "step", *metric_columns(rows)]
-    grouped = group_over_seeds(rows, swept)
-    others = [k for k in swept if not is_seed_key(k)]
-    grouped_columns = [*others, "n"]
-    if grouped:
-        stats = list(dict.fromkeys(k for g in grouped for k in g if k not in grouped_columns))
-        grouped_columns += stats
-    metric = metric or meta["points"][0]["main_metric"]
-    return Summary(rows, columns, grouped, grouped_columns, swept, metric)
-
-
-def write_summary(sweep_dir: str, metric: str | None = None) -> list[str]:
-    """Writes DIR/summary.csv, summary.md (and summary_by_seed.csv when seeds are swept) and
-    summary.png; returns the paths."""
-    s = summarise(sweep_dir, metric)
-    paths = [os.path.join(sweep_dir, "summary.csv"), os.path.join(sweep_dir, "summary.md")]
-    _write_csv(paths[0], s.rows, s.columns)
-    counts = ", ".join(f"{sum(r['status'] == x for r in s.rows)} {x}" for x in STATUSES)
-    md = [f"# Sweep summary: {sweep_dir}", "", f"{len(s.rows)} points: {counts}.", ""]
-    md += _markdown_table(s.rows, s.columns, s.swept)
-    if s.grouped:
-        seeds = ", ".join(k for k in s.swept if is_seed_key(k))
-        md += ["", f"## Mean and standard deviation over {seeds} (finished points)", ""]
-        keys = [c for c in s.grouped_columns if not c.endswith((" mean", " std"))]
-        means = [c[: -len(" mean")] for c in s.grouped_columns if c.endswith(" mean")]
-        table = [
-            {**g, **{m: _mean_std(g.get(m + " mean"), g.get(m + " std")) for m in means}}
-            for g in s.grouped
-            if g["n"]
-        ]
-        md += _markdown_table(table, keys + means, s.swept)
-        grouped_csv = os.path.join(sweep_dir, "summary_by_seed.csv")
-        _write_csv(grouped_csv, s.grouped, s.grouped_columns)
-        paths.append(grouped_csv)
-    with open(paths[1], "w") as f:
-        f.write("\n".join(md) + "\n")
-    from flaxbert.plot import save_figure, summary_figure  # matplotlib only when plotting
-
-    png = os.path.join(sweep_dir, "summary.png")
-    save_figure(summary_figure(s.rows, s.swept, s.metric), png)
-    return [*paths, png]
 
 
 # --- command line ----------------------------------------------------------------------
@@ -743,6 +623,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
 
 
 def run_summary_command(args: argparse.Namespace) -> int:
+    from flaxbert.sweep_summary import write_summary
+
     try:
         paths = write_summary(args.workdir, args.metric)
     except ConfigError as e:

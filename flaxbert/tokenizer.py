@@ -381,8 +381,8 @@ def wordpiece_casing(directory: str, hf_config: dict | None = None) -> WordPiece
     `tokenizer_config.json` there (`do_lower_case`, `strip_accents`,
     `tokenize_chinese_chars`); `do_lower_case` in the model's `config.json` (`hf_config`);
     else lowercase exactly when the directory's name contains "uncased" (as in
-    bert-base-uncased: HF's own BertTokenizer would lowercase by default, which is wrong for
-    cased models such as klue/bert-base that ship no tokenizer_config.json)."""
+    bert-base-uncased). HF's own BertTokenizer lowercases when nothing says otherwise, which
+    is wrong for a cased model whose directory lacks a tokenizer_config.json."""
     path = os.path.join(directory, WORDPIECE_CONFIG)
     if os.path.isfile(path):
         try:
@@ -416,7 +416,7 @@ def read_vocab(path: str) -> list[str]:
     """The pieces of a vocab.txt, one per line, the id being the line number."""
     try:
         with open(path, encoding="utf-8") as f:
-            return [line.rstrip("\n").rstrip("\r") for line in f]
+            return [line.rstrip("\n") for line in f]
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e})") from None
 

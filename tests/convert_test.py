@@ -3,6 +3,7 @@ transformers' logits, export undoes import bit for bit (scanned checkpoints too)
 takes a converted directory, the WordPiece tokenizer encodes as BERT's does, and what cannot
 be converted is named."""
 
+import functools
 import json
 import logging
 import shutil
@@ -72,8 +73,8 @@ def _torch_style(params) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def hf(tmp_path_factory):
-    """A random transformers FlaxBertForPreTraining (every parameter perturbed, so biases
-    and LayerNorms matter too), saved by `save_pretrained` (flax_model.msgpack) and as a
+    """A transformers FlaxBertForPreTraining with random parameters (biases and LayerNorms
+    too, so that they matter), saved by `save_pretrained` (flax_model.msgpack) and as a
     PyTorch-style model.safetensors (written here, with the tied decoder copy and the
     embeddings' LayerNorm named gamma/beta as in old TF-converted checkpoints)."""
     from safetensors.numpy import save_file
@@ -89,12 +90,17 @@ def hf(tmp_path_factory):
         intermediate_size=64,
         max_position_embeddings=64,
     )
-    model = FlaxBertForPreTraining(config, seed=0)
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(
-        lambda x: np.asarray(x, np.float32) + rng.normal(0, 0.05, x.shape).astype(np.float32),
-        model.params,
+    model = FlaxBertForPreTraining(config, _do_init=False)  # shapes only: no compile
+    shapes = jax.eval_shape(
+        functools.partial(model.init_weights, input_shape=(1, 1)), jax.random.key(0)
     )
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        noise = rng.normal(0, 0.05, x.shape).astype(np.float32)
+        return noise + 1.0 if path[-1].key == "scale" else noise
+
+    params = jax.tree_util.tree_map_with_path(draw, shapes)
     vocab = "".join(p + "\n" for p in _hf_vocab())
 
     msgpack_dir = tmp / "tiny-bert-uncased"
@@ -250,7 +256,7 @@ def test_scanned_and_bare_encoder_checkpoints_export(hf, tmp_path):
 
 
 def test_finetune_takes_a_converted_directory(hf, repo_root, tmp_path):
-    from flaxbert.finetune import finetune
+    from flaxbert.finetune import finetune, model_config_for, resolve_tokenizer
 
     _, _, msgpack_dir, _ = hf
     converted = import_hf(str(msgpack_dir), str(tmp_path / "converted"))
@@ -293,6 +299,17 @@ def test_finetune_takes_a_converted_directory(hf, repo_root, tmp_path):
     ).read_bytes()
     kept = json.loads((tmp_path / "ft/tokenizer_config.json").read_text())
     assert kept["do_lower_case"] is True and kept["flaxbert_original_ids"]["[CLS]"] == 101
+
+    # A fine-tuned checkpoint exports its encoder, in HuggingFace's vocabulary order.
+    exported = export_hf(str(tmp_path / "ft"), str(tmp_path / "ft_hf"))
+    assert exported.architecture == "BertModel" and exported.not_exported == ["classifier"]
+    assert (tmp_path / "ft_hf/vocab.txt").read_bytes() == (msgpack_dir / "vocab.txt").read_bytes()
+
+    # The random-initialisation baseline with the converted vocabulary.
+    config.unlock()
+    config.init_from, config.data.tokenizer = "", str(tmp_path / "converted/vocab.txt")
+    assert resolve_tokenizer(config) == config.data.tokenizer
+    assert model_config_for(config, VOCAB_SIZE).vocab_size == VOCAB_SIZE
 
 
 def _flaxbert_vocab(directory, config=None):
@@ -362,7 +379,8 @@ def test_wordpiece_tokenizer_encodes_like_bert_with_offsets(tmp_path):
 def test_sentencepiece_checkpoint_exports_with_its_model(hf, tmp_path, caplog):
     *_, st_dir = hf
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n".join(f"word{i % 37} thing{i % 11} more text" for i in range(400)))
+    lines = (" ".join(f"w{(i * 7 + j * 13) % 499}q" for j in range(9)) for i in range(600))
+    corpus.write_text("\n".join(lines))
     sp = train_tokenizer([str(corpus)], 300, str(tmp_path / "sp"), num_threads=1)
     assert isinstance(load_tokenizer(sp), Tokenizer)
     converted = import_hf(str(st_dir), str(tmp_path / "conv"))
@@ -409,6 +427,7 @@ def test_what_cannot_be_converted_is_named(hf, tmp_path, capsys):
 
     (empty / "pytorch_model.bin").write_bytes(b"")
     shutil.copy(st_dir / "config.json", empty)
+    shutil.copy(st_dir / "vocab.txt", empty)
     with pytest.raises(ConversionError, match="no weights: expected model.safetensors.*PyTorch"):
         import_hf(str(empty), str(tmp_path / "x"))
 
@@ -432,7 +451,7 @@ def test_what_cannot_be_converted_is_named(hf, tmp_path, capsys):
             variant("act", {"hidden_act": "relu", "position_embedding_type": "relative_key"}),
             str(tmp_path / "x"),
         )
-    with pytest.raises(ConversionError, match="wrong shape.*word_embeddings"):
+    with pytest.raises(ConversionError, match="(?s)wrong shape.*word_embeddings"):
         longer = "".join(p + "\n" for p in [*_hf_vocab(), "extra"])
         import_hf(variant("size", {"vocab_size": 121}, weights, longer), str(tmp_path / "x"))
     with pytest.raises(ConversionError, match=r"has 119 lines but config.json says vocab_size=120"):

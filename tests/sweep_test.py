@@ -14,10 +14,11 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 
-from flaxbert import cli, sweep
+from flaxbert import cli, sweep, sweep_summary
 from flaxbert.config import ConfigError
 from flaxbert.sweep import concat, grid, point_names, product, variants, zip_
 
@@ -186,6 +187,9 @@ def test_load_sweep_builds_checked_commands(tmp_path):
     assert [p.name for p in vs.points] == ["small", "large"]
     assert vs.points[1].argv[4:6] == ("--config", v + ":large")
     assert vs.swept == ["config_arg"]
+    # get_sweep(arg) without a default gets '' when no ARG is given.
+    required = _config(tmp_path, points='[{"train.seed": len(arg)}]', sweep_arg="arg", name="r.py")
+    assert sweep.load_sweep(required, str(tmp_path / "r")).points[0].overrides == {"train.seed": 0}
     # get_sweep() without an argument.
     noarg = _config(tmp_path, points='[{"train.seed": 1}]', sweep_arg="", name="n.py")
     assert sweep.load_sweep(noarg + ":x", str(tmp_path / "n")).points[0].config_arg == "x"
@@ -302,6 +306,64 @@ def test_failed_point_is_reported_and_the_sweep_goes_on(tmp_path):
     assert float(rows[1]["eval/accuracy"]) == pytest.approx(_accuracy(0.001, 1))
 
 
+def test_a_command_that_cannot_start_is_a_failed_point(tmp_path):
+    s = sweep.load_sweep(
+        _config(tmp_path, points='[{"train.seed": 1}]'),
+        str(tmp_path / "s"),
+        launcher=[str(tmp_path / "no-such-python")],
+    )
+    out = io.StringIO()
+    assert sweep.run_sweep(s, out=out) == 1
+    assert "seed=1: FAILED, could not run it (FileNotFoundError" in out.getvalue()
+    assert sweep.point_status(s.points[0].workdir, 4) == "failed"
+
+
+SLEEPER = """
+import signal, sys, time
+def stop(*_):
+    print("SIGTERM: checkpoint saved", flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("training", flush=True)
+time.sleep(60)
+"""
+
+
+def test_ctrl_c_stops_the_running_points_with_sigterm_and_starts_no_more(tmp_path):
+    sleeper = tmp_path / "sleeper.py"
+    sleeper.write_text(SLEEPER)
+    s = sweep.load_sweep(
+        _config(tmp_path), str(tmp_path / "s"), launcher=[sys.executable, str(sleeper)]
+    )
+    first_log = os.path.join(s.points[0].workdir, "log.txt")
+    started = []
+
+    def runner(point, log):
+        started.append(point.name)
+        if point is not s.points[1]:
+            return sweep.run_subprocess(point, log)
+        for _ in range(200):  # Ctrl-C once the first point's process runs
+            if "training" in open(first_log).read():
+                break
+            time.sleep(0.05)
+        raise KeyboardInterrupt
+
+    out = io.StringIO()
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_sweep(s, parallel=2, runner=runner, out=out)
+    assert time.perf_counter() - start < 30  # the sleepers (60 s) were stopped
+    assert "interrupted: the running points save a checkpoint" in out.getvalue()
+    assert "SIGTERM: checkpoint saved" in open(first_log).read()
+    # A worker may take the next point before Ctrl-C reaches the sweep: then that point is
+    # stopped too, or never started; none after it runs.
+    assert started[:2] == [s.points[0].name, s.points[1].name] and len(started) <= 3
+    for p in s.points[2:]:
+        log = os.path.join(p.workdir, "log.txt")
+        text = open(log).read() if os.path.exists(log) else ""
+        assert "training" not in text or "SIGTERM: checkpoint saved" in text
+
+
 def test_a_run_that_exits_0_without_finishing_is_a_failure(tmp_path):
     s = sweep.load_sweep(_config(tmp_path, points='[{"train.seed": 1}]'), str(tmp_path / "s"))
     out = io.StringIO()
@@ -366,7 +428,7 @@ def test_summary_rows_means_and_standard_deviations_over_seeds(tmp_path):
     (root / "lr=0.001,seed=0" / "test_metrics.json").write_text(
         json.dumps({"best_step": 2, "test/accuracy": 0.7})
     )
-    paths = sweep.write_summary(str(root))
+    paths = sweep_summary.write_summary(str(root))
     assert [os.path.basename(p) for p in paths] == [
         "summary.csv",
         "summary.md",
@@ -415,7 +477,7 @@ def test_summary_of_pretraining_takes_the_best_evaluation_of_the_curve(tmp_path)
     sweep.write_sweep_json(s)
     _fake_finished(root / "seed=0", acc=0.6, loss=2.0, finetune=False)
     (root / "seed=1").mkdir(parents=True)  # started, not finished
-    summary = sweep.summarise(str(root))
+    summary = sweep_summary.summarise(str(root))
     done, started = summary.rows
     assert done["best/eval/loss"] == 2.0 and done["best/eval/accuracy"] == pytest.approx(0.7)
     assert done["eval/accuracy"] == 0.6 and started["status"] == "incomplete"
@@ -425,7 +487,7 @@ def test_summary_of_pretraining_takes_the_best_evaluation_of_the_curve(tmp_path)
     assert group["n"] == 1 and group["eval/accuracy mean"] == 0.6
     assert math.isnan(group["eval/accuracy std"])
     with pytest.raises(ConfigError, match="no readable sweep.json"):
-        sweep.summarise(str(root / "nothing"))
+        sweep_summary.summarise(str(root / "nothing"))
 
 
 def test_summary_figure_has_a_subplot_per_swept_key(tmp_path):
@@ -447,6 +509,8 @@ def test_summary_figure_has_a_subplot_per_swept_key(tmp_path):
     assert len(axes[0].collections) == 3 and len(axes[0].lines) == 3
     assert len(axes[1].collections) == 2 and len(axes[1].lines) == 2
     assert axes[1].get_xscale() == "log"
+    ticks = [t.get_text() for t in axes[1].get_xticklabels()]
+    assert ticks == ["0.0001", "0.001", "0.01"]
     assert [t.get_text() for t in axes[0].get_xticklabels()] == ["tiny", "mini"]
     labels = [t.get_text() for t in axes[1].get_legend().get_texts()]
     assert labels == ["config_arg=tiny", "config_arg=mini"]
