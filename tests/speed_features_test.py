@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny import tiny_overrides
 
 from flaxbert import sharding, train
 from flaxbert.config import load_config
@@ -29,7 +30,6 @@ from flaxbert.model import (
     unstack_layers,
 )
 from flaxbert.tokenizer import CLS_ID, SEP_ID
-from tests.tiny import tiny_overrides
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 
