@@ -314,12 +314,10 @@ class PackedEpochs:
     def __init__(self, arrays, batch_size: int, seq_len: int, max_pairs: int, seed: int):
         self.arrays = arrays
         self.lengths = arrays["input_mask"].sum(1)
-        self.batch_size, self.seq_len, self.max_pairs, self.seed = (
-            batch_size,
-            seq_len,
-            max_pairs,
-            seed,
-        )
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.max_pairs = max_pairs
+        self.seed = seed
         self._plans: list[list[np.ndarray]] = []
         self._first_step = [0]  # first step of each planned epoch
 
