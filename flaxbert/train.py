@@ -516,6 +516,7 @@ def make_train_batches(config: ml_collections.ConfigDict, corpus, parallel: Para
         max_pairs_per_row=d.max_pairs_per_row,
         word_start=corpus.word_start,
         whole_word_masking=d.whole_word_masking,
+        split="training split",
     )
 
 
@@ -681,7 +682,12 @@ def pretrain(
     train_batches = make_train_batches(config, corpus, parallel)
     masking = dict(word_start=corpus.word_start, whole_word_masking=d.whole_word_masking)
     eval_source = PretrainingBatches(
-        corpus.eval, inst, config.eval.batch_size, seed=t.seed + 1, **masking
+        corpus.eval,
+        inst,
+        config.eval.batch_size,
+        seed=t.seed + 1,
+        split="held-out split",
+        **masking,
     )
     eval_rows = parallel.local_rows(config.eval.batch_size)
     eval_batches = [

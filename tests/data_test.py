@@ -165,6 +165,111 @@ def test_random_next_comes_from_another_document(corpus):
         assert any(sb >= sa + len(a) for sa in find(doc, a) for sb in find(doc, bb)), i
 
 
+def _documents_with_own_tokens(sentences_per_doc, sentence_len, seed=0):
+    """Documents whose token ids are disjoint (document d uses only its own ids), so the
+    document a token came from can be read off the batch. Returns (documents, doc_of_id)."""
+    rng = np.random.default_rng(seed)
+    docs, doc_of_id, next_id = [], {}, NUM_SPECIAL
+    for d, n in enumerate(sentences_per_doc):
+        ids = np.arange(next_id, next_id + 8)
+        next_id += 8
+        doc_of_id.update({int(i): d for i in ids})
+        docs.append([rng.choice(ids, size=sentence_len).astype(np.int32) for _ in range(n)])
+    return docs, doc_of_id, next_id
+
+
+def _pairs_with_documents(batch, doc_of_id):
+    """(label, documents of A, documents of B) for every pair of every row, read from the
+    original tokens (masked positions restored), packed rows (pairs numbered in input_mask)
+    included."""
+    ids = batch["input_ids"].copy()
+    rows = np.arange(len(ids))[:, None]
+    w = batch["masked_lm_weights"] > 0
+    ids[np.broadcast_to(rows, w.shape)[w], batch["masked_lm_positions"][w]] = batch[
+        "masked_lm_ids"
+    ][w]
+    labels = batch["next_sentence_labels"]
+    out = []
+    for i in range(len(ids)):
+        for k in range(1, batch["input_mask"][i].max() + 1):
+            pair = batch["input_mask"][i] == k
+            label = labels[i, k - 1] if labels.ndim == 2 else labels[i]
+            docs_of = lambda seg, i=i, pair=pair: {
+                doc_of_id[int(t)]
+                for t in ids[i][pair & (batch["segment_ids"][i] == seg)]
+                if int(t) in doc_of_id
+            }
+            out.append((int(label), docs_of(0), docs_of(1)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [20, 1],  # a dominant document beside a one-sentence one (the reported corpus)
+        [1, 20],
+        [200, 1, 1],
+        [1, 1],
+        [3, 50, 2, 7, 1, 1, 30],
+    ],
+)
+@pytest.mark.parametrize("mode", ["dynamic", "static", "packed"])
+def test_random_next_never_comes_from_a_documents_own_document(shape, mode):
+    docs, doc_of_id, vocab = _documents_with_own_tokens(shape, sentence_len=6)
+    inst = InstanceConfig(max_seq_length=32, max_predictions_per_seq=5, vocab_size=vocab)
+    kw = {"static": dict(masking="static"), "packed": dict(packing=True)}.get(mode, {})
+    batches = PretrainingBatches(docs, inst, 64, seed=0, **kw)
+    counts = {0: 0, 1: 0}
+    for step in range(10):
+        for label, a_docs, b_docs in _pairs_with_documents(batches.batch(step), doc_of_id):
+            assert len(a_docs) == 1 and len(b_docs) == 1, (step, a_docs, b_docs)
+            if label == 1:
+                assert a_docs.isdisjoint(b_docs), (step, a_docs, b_docs)
+            else:
+                assert a_docs == b_docs, (step, a_docs, b_docs)
+            counts[label] += 1
+    assert counts[1] > 0
+    if max(shape) > 1:  # a true continuation needs a document of 2 or more sentences
+        assert counts[0] > 0
+
+
+def test_random_next_on_the_reported_corpus():
+    # The issue's input: 20 sentences of 6 tokens beside 1 sentence of 3 tokens; 400 of 709
+    # label-1 pairs took B from A's document before the fix.
+    docs = [[np.arange(5, 11, dtype=np.int32)] * 20, [np.arange(11, 14, dtype=np.int32)]]
+    inst = InstanceConfig(max_seq_length=32, max_predictions_per_seq=5, vocab_size=16)
+    batches = PretrainingBatches(docs, inst, 64, seed=0)
+    random_next = 0
+    for step in range(20):
+        b = batches.batch(step, with_sources=True)
+        nsp = b["next_sentence_labels"] == 1
+        assert np.all(b["a_document"][nsp] != b["b_document"][nsp]), step
+        random_next += int(nsp.sum())
+    assert random_next > 500
+
+
+def test_random_next_is_spread_over_the_other_documents():
+    # B of a label-1 pair is a sentence drawn uniformly from every other document's
+    # sentences: with A in document 0, B's document follows the other documents' sizes.
+    docs, doc_of_id, vocab = _documents_with_own_tokens([40, 10, 30], sentence_len=6)
+    inst = InstanceConfig(max_seq_length=32, max_predictions_per_seq=5, vocab_size=vocab)
+    batches = PretrainingBatches(docs, inst, 256, seed=0)
+    seen = []
+    for step in range(20):
+        for label, a_docs, b_docs in _pairs_with_documents(batches.batch(step), doc_of_id):
+            if label == 1 and a_docs == {0}:
+                seen.append(b_docs.pop())
+    share_of_2 = np.mean(np.array(seen) == 2)
+    assert len(seen) > 500 and abs(share_of_2 - 30 / 40) < 0.05, (len(seen), share_of_2)
+
+
+@pytest.mark.parametrize("docs", [[[np.arange(5, 11)] * 4], [[np.arange(5, 11)] * 4, [], []]])
+def test_a_split_with_one_document_is_refused(docs):
+    inst = InstanceConfig(max_seq_length=32, max_predictions_per_seq=5, vocab_size=16)
+    with pytest.raises(ValueError, match=r"held-out split holds 1 non-empty document.*at least 2"):
+        PretrainingBatches(docs, inst, 8, seed=0, split="held-out split")
+
+
 def test_flat_corpus_round_trip_skips_empty(corpus):
     docs = [corpus[0], [], [np.zeros(0, np.int32)], corpus[1]]
     flat = FlatCorpus.from_documents(docs)

@@ -135,6 +135,14 @@ class PretrainingBatches:
 
     `word_start[id]` (optional) marks the vocabulary pieces that begin a word; with
     `whole_word_masking` the chosen positions are then whole words.
+
+    A "random next" segment B (`next_sentence_labels` 1) always comes from a document other
+    than A's, whatever the corpus's shape; `split` names the corpus in errors.
+
+    Raises:
+      ValueError: a batch the processes cannot split evenly, a corpus (or split) with fewer
+        than 2 non-empty documents (B could not come from another document), or a bad
+        masking/packing option (naming its `data.*` config key).
     """
 
     def __init__(
@@ -151,6 +159,7 @@ class PretrainingBatches:
         dupe_factor: int = 10,
         packing: bool = False,
         max_pairs_per_row: int = 4,
+        split: str = "corpus",
     ):
         if global_batch_size % process_count:
             raise ValueError(
@@ -162,8 +171,14 @@ class PretrainingBatches:
         )
         if corpus.num_sentences == 0:
             raise ValueError("the corpus holds no sentences: nothing to pre-train on")
-        if corpus.num_documents < 2:
-            raise ValueError("the corpus needs at least 2 non-empty documents for NSP pairs")
+        nonempty = int(np.count_nonzero(np.diff(corpus.doc_starts)))
+        if nonempty < 2:
+            raise ValueError(
+                f"the {split} holds {nonempty} non-empty document(s): next-sentence pairs "
+                'need at least 2, because a "random next" segment B must come from a '
+                "document other than A's. Give a corpus with more documents (a blank line "
+                "separates documents in a text corpus)"
+            )
         if whole_word_masking and word_start is None:
             raise ValueError("whole-word masking needs the tokenizer's word_start table")
         if masking not in ("dynamic", "static"):
@@ -210,7 +225,7 @@ class PretrainingBatches:
             "start": rng.integers(self.corpus.num_sentences, size=rows),
             "split": rng.random(rows),
             "random_next": rng.random(rows) < cfg.random_next_prob,
-            "other_starts": rng.integers(self.corpus.num_sentences, size=(rows, 10)),
+            "other_u": rng.random(rows),
             "trim_bits": rng.random((rows, 2, 32)) < 0.5,
             "trim_normal": rng.standard_normal((rows, 2)),
             "mask_scores": rng.random((rows, seq)),
@@ -295,11 +310,13 @@ class PretrainingBatches:
         a_end = np.minimum(a_end, np.maximum(chunk_end - 1, start + 1))
         is_random = (n_chunk == 1) | d["random_next"]
 
-        # Random B: the first of ten draws that lands in another document.
-        other = d["other_starts"]
-        elsewhere = sdoc[other] != doc[:, None]
-        pick = np.where(elsewhere.any(1), elsewhere.argmax(1), other.shape[1] - 1)
-        b_start_rand = other[np.arange(rows), pick]
+        # Random B: a sentence drawn uniformly from the sentences of every other document
+        # (A's own document's sentences are cut out of the range, so B never comes from it,
+        # whatever the corpus's shape). The original recipe draws a document, then a start in
+        # it; weighting by sentences keeps one-sentence documents from dominating.
+        doc_lo, doc_hi = dstart[doc], dstart[doc + 1]
+        k = np.floor(d["other_u"] * (corpus.num_sentences - (doc_hi - doc_lo))).astype(np.int64)
+        b_start_rand = k + np.where(k >= doc_lo, doc_hi - doc_lo, 0)
         la_full = ss[a_end] - ss[start]
         need = np.maximum(target - la_full, 1)
         b_end_rand = np.searchsorted(ss, ss[b_start_rand] + need, side="left")
