@@ -44,12 +44,16 @@ stop_all() {
 }
 trap 'stop_all; exit 130' INT TERM
 
+quiet='/^\[Gloo\] Rank [0-9]* is connected to [0-9]* peer ranks/d'
 for ((i = 0; i < n; i++)); do
   env_i=(FLAXBERT_COORDINATOR="127.0.0.1:$port" FLAXBERT_NUM_PROCESSES="$n" FLAXBERT_PROCESS_ID="$i")
   if ((per)); then
     env_i+=(CUDA_VISIBLE_DEVICES="$(IFS=,; echo "${gpus[*]:i*per:per}")")
   fi
-  env "${env_i[@]}" "$@" > >(sed -u "s/^/[$i] /") 2> >(sed -u "s/^/[$i] /" >&2) &
+  # gloo (the CPU collectives) prints a "[Gloo] Rank R is connected to P peer ranks" line
+  # per rank for every communicator it sets up: noise, dropped here.
+  env "${env_i[@]}" "$@" > >(sed -u -e "$quiet" -e "s/^/[$i] /") \
+    2> >(sed -u -e "$quiet" -e "s/^/[$i] /" >&2) &
   live[$!]=$i
 done
 

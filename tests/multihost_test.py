@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -61,6 +62,10 @@ def test_two_processes_match_one(repo_root, tmp_path, fast_compiles):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]
     assert "[0]" in out and "[1]" in out and "process 1 of 2" in out
+    # The launcher's output is the runs' own log lines: no gloo connection chatter, no stray
+    # bare values.
+    assert "[Gloo]" not in out
+    assert not re.search(r"^\[\d\] \S*$", out, re.M), out
 
     one, two = _rows(single), _rows(multi)
     # Only process 0 writes: one row per step, not two.
