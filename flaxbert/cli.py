@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shutil
 import sys
 
-from flaxbert.config import ConfigError, load_config
+from flaxbert.config import ConfigError, UserError, load_config, report_user_error
 
 log = logging.getLogger("flaxbert")
 
@@ -25,6 +28,73 @@ def split_config_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
             rest.append(arg)
         i += 1
     return rest, overrides
+
+
+# Flags whose value may start with "-" (`--layers -1,-2`): argparse would take it for a flag.
+_DASH_VALUE_FLAGS = ("--layers",)
+
+
+def join_dash_values(argv: list[str]) -> list[str]:
+    """`--layers -1,-2` → `--layers=-1,-2`, so argparse reads the value as a value."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _DASH_VALUE_FLAGS and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exception classes that mean a user's mistake: one line and exit status 2."""
+    from flaxbert.convert import ConversionError
+
+    return (UserError, ConversionError)
+
+
+@contextlib.contextmanager
+def nothing_half_made(workdir: str, keep: tuple[str, ...] = ()):
+    """On a user's mistake, removes what this run added to `workdir` (the workdir itself if
+    the run made it) and puts back a config.json it overwrote, so the next run starts as if
+    this one never happened. Entries named in `keep` stay when they hold anything: a cache
+    of finished work (the tokenizer and prepared data in WORKDIR/data) that the next run
+    reuses. Another exception (a bug, an interrupt) leaves everything as it is to look at."""
+    existed = os.path.isdir(workdir)
+    before = set(os.listdir(workdir)) if existed else set()
+    config_json = os.path.join(workdir, "config.json")
+    old_config = None
+    if os.path.isfile(config_json):
+        with open(config_json, "rb") as f:
+            old_config = f.read()
+    try:
+        yield
+    except user_errors():
+        if _is_chief() and os.path.isdir(workdir):
+            for name in sorted(set(os.listdir(workdir)) - before):
+                path = os.path.join(workdir, name)
+                if name in keep and os.path.isdir(path) and os.listdir(path):
+                    continue
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+            if old_config is not None:
+                with open(config_json, "wb") as f:
+                    f.write(old_config)
+            if not existed and not os.listdir(workdir):
+                os.rmdir(workdir)
+        raise
+
+
+def _is_chief() -> bool:
+    """Process 0 of a multi-process job (or the only process) does the workdir's files."""
+    if "jax" not in sys.modules:
+        return True
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -109,42 +179,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs `flaxbert COMMAND ...`; returns the exit status. A user's mistake (any of
+    `user_errors()`, from any command) is printed as one line on stderr with status 2."""
     argv = sys.argv[1:] if argv is None else argv
-    rest, overrides = split_config_overrides(argv)
+    rest, overrides = split_config_overrides(join_dash_values(argv))
     args = build_parser().parse_args(rest)
     logging.basicConfig(
         level=logging.INFO, format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", force=True
     )
     # orbax logs every step of every save through absl at INFO; its warnings still show.
     logging.getLogger("absl").setLevel(logging.WARNING)
-    if getattr(args, "func", None) is not None:  # data commands: their own handlers
-        args.config_overrides = overrides  # `flaxbert sweep` passes them to every point
-        return args.func(args)
     try:
-        config = load_config(args.config, overrides)
-        if args.command in ("pretrain", "compile", "finetune"):
-            from flaxbert import distributed  # JAX loads only once the flags are fine
+        return _run(args, overrides)
+    except user_errors() as e:
+        return report_user_error(args.command, e)
 
-            try:
-                spec = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
-            except distributed.DistributedError as e:
-                raise ConfigError(str(e)) from None
-            distributed.initialize(spec)
-        if args.command == "pretrain":
-            from flaxbert.train import pretrain
 
+def _run(args: argparse.Namespace, overrides: list[str]) -> int:
+    if getattr(args, "func", None) is not None:  # data commands: their own handlers
+        from flaxbert.data import text
+
+        args.config_overrides = overrides  # `flaxbert sweep` passes them to every point
+        with text.default_spelling("flags"):  # a corpus error names --errors, --text-field
+            return args.func(args)
+    config = load_config(args.config, overrides)
+    if args.command in ("pretrain", "compile", "finetune"):
+        from flaxbert import distributed  # JAX loads only once the flags are fine
+
+        try:
+            spec = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+        except distributed.DistributedError as e:
+            raise ConfigError(str(e)) from None
+        distributed.initialize(spec)
+    if args.command == "pretrain":
+        from flaxbert.data.sources import CACHE_SUBDIR
+        from flaxbert.train import pretrain
+
+        with nothing_half_made(args.workdir, keep=(CACHE_SUBDIR,)):
             pretrain(config, args.workdir)
-        elif args.command == "finetune":
-            from flaxbert.finetune import finetune
+    elif args.command == "finetune":
+        from flaxbert.finetune import finetune
 
+        with nothing_half_made(args.workdir):
             finetune(config, args.workdir)
-        elif args.command == "compile":
-            from flaxbert.preflight import preflight
+    elif args.command == "compile":
+        from flaxbert.preflight import preflight
 
-            preflight(config, args.workdir)
-    except ConfigError as e:
-        print(f"flaxbert {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        preflight(config, args.workdir)
     return 0
 
 

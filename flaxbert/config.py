@@ -18,11 +18,30 @@ from absl import flags
 from ml_collections import config_flags
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user gave (a config, a flag, an input file), not a bug.
+
+    Its message alone says what is wrong, where (file and line, config key, flag) and what to
+    do, so `flaxbert` prints it as one line and exits with status 2 instead of a traceback.
+    Raise a subclass at the place the mistake is found; anything else that escapes is a bug
+    and keeps its traceback.
+    """
+
+
+def report_user_error(command: str, error: BaseException) -> int:
+    """Prints `error` as the one line `flaxbert COMMAND: error: ...` on stderr; returns the
+    exit status for a user's mistake, 2."""
+    message = " ".join(str(error).split("\n"))
+    print(f"flaxbert {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+class ConfigError(UserError, ValueError):
     """A config file, override or value that cannot be used; the message says which and why."""
 
 
 def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every leaf key of `config` as a dotted path, e.g. `data.reader.label`."""
     keys = []
     for key, value in config.items():
         path = f"{prefix}{key}"

@@ -462,25 +462,29 @@ def test_squad_skip_counts_questions(tmp_path):
 
 
 def test_from_config_names_the_key_that_is_wrong():
-    with pytest.raises(ConfigError, match="data.format is missing"):
+    with pytest.raises(ConfigError, match="data.reader.format is missing"):
         ReaderSpec.from_config({"text_a": "s"})
     with pytest.raises(ConfigError, match="did you mean 'tsv'"):
         ReaderSpec.from_config({"format": "tvs", "text_a": "s"})
-    with pytest.raises(ConfigError, match="unknown config key data.lable.*did you mean 'label'"):
+    with pytest.raises(
+        ConfigError, match="unknown config key data.reader.lable.*did you mean 'label'"
+    ):
         ReaderSpec.from_config({"format": "tsv", "text_a": "s", "lable": "y"})
-    with pytest.raises(ConfigError, match="data.quoting=False does not apply to format 'conll'"):
+    with pytest.raises(
+        ConfigError, match="data.reader.quoting=False does not apply to format 'conll'"
+    ):
         ReaderSpec.from_config({"format": "conll", "quoting": False})
-    with pytest.raises(ConfigError, match="data.text_a is missing"):
+    with pytest.raises(ConfigError, match="data.reader.text_a is missing"):
         ReaderSpec.from_config({"format": "tsv", "label": "y"})
-    with pytest.raises(ConfigError, match="data.header='no': must be True or False"):
+    with pytest.raises(ConfigError, match="data.reader.header='no': must be True or False"):
         ReaderSpec.from_config({"format": "tsv", "text_a": "s", "header": "no"})
-    with pytest.raises(ConfigError, match="data.text_a='sentence'.*0-based index"):
+    with pytest.raises(ConfigError, match="data.reader.text_a='sentence'.*0-based index"):
         ReaderSpec.from_config({"format": "tsv", "text_a": "sentence", "header": False})
-    with pytest.raises(ConfigError, match="data.label is empty"):
+    with pytest.raises(ConfigError, match="data.reader.label is empty"):
         ReaderSpec.from_config({"format": "tsv", "text_a": "s", "label_list": "a,b"})
     with pytest.raises(ConfigError, match="distinct"):
         ReaderSpec.from_config({"format": "tsv", "text_a": "s", "label": "y", "label_list": "a,a"})
-    with pytest.raises(ConfigError, match="data.encoding"):
+    with pytest.raises(ConfigError, match="data.reader.encoding"):
         ReaderSpec.from_config({"format": "squad", "encoding": "no-such-codec"})
     assert issubclass(ConfigError, ValueError)
 

@@ -1,6 +1,7 @@
 import itertools
 import json
 import pathlib
+import pickle
 import sys
 
 import pytest
@@ -8,6 +9,7 @@ import tensorflow_datasets as tfds
 from shared_data import DATA, EN_CORPUS, KO_CORPUS, needs_data  # noqa: F401
 
 from flaxbert.data.text import (
+    CorpusError,
     ReadStats,
     iter_corpus_documents,
     read_jsonl_documents,
@@ -168,7 +170,14 @@ def test_non_utf8_error_names_file_line_and_offset(tmp_path):
     message = str(e.value)
     assert f"{path}:3:" in message
     assert f"byte offset {len(lines[0]) + len(lines[1]) + 4}" in message
-    assert "errors='replace'" in message and "--errors replace" in message
+    assert "errors='replace'" in message and "--errors" not in message
+    # Each caller is told the fix in its own terms, and the error survives pickling (it may
+    # come from a `flaxbert prepare` worker process).
+    assert isinstance(e.value, CorpusError)
+    assert "pass --errors replace" in str(e.value.spelled("flags"))
+    assert "set --config.data.errors=replace" in str(e.value.spelled("config"))
+    again = pickle.loads(pickle.dumps(e.value.spelled("flags")))
+    assert type(again) is CorpusError and str(again) == str(e.value.spelled("flags"))
 
     stats = ReadStats()
     docs = list(read_text_documents(path, errors="replace", stats=stats))
@@ -212,6 +221,11 @@ def test_read_jsonl_documents(tmp_path):
         list(read_jsonl_documents(other))
     assert f"{other}:1:" in str(e.value) and "'text'" in str(e.value)
     assert "['body']" in str(e.value) and "on_bad_record='skip'" in str(e.value)
+    # Neither the flags nor the pre-training config offer on_bad_record: not suggested there.
+    assert "pass --text-field NAME" in str(e.value.spelled("flags"))
+    config_message = str(e.value.spelled("config"))
+    assert "set --config.data.text_field=NAME" in config_message
+    assert "on_bad_record" not in config_message and "skip" not in config_message
     stats = ReadStats()
     assert list(
         read_jsonl_documents(other, text_field="body", on_bad_record="skip", stats=stats)

@@ -46,6 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from flaxbert.config import UserError, report_user_error
 from flaxbert.data import text
 from flaxbert.tokenizer import Tokenizer
 
@@ -78,8 +79,9 @@ _PART_NAMES = {  # what goes into the fingerprint, as an error message names it
 }
 
 
-class PrepareError(Exception):
-    """A prepared dataset is missing, incomplete or made from other inputs."""
+class PrepareError(UserError):
+    """A prepared dataset is missing, incomplete or made from other inputs, or a corpus that
+    cannot be prepared as asked."""
 
 
 class PretrainingCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -97,6 +99,14 @@ class PretrainingCorpusBuilder(tfds.core.GeneratorBasedBuilder, skip_registratio
     def __init__(self, *, data_dir: str, scratch: _Scratch | None = None, **kwargs):
         self._scratch = scratch
         super().__init__(data_dir=data_dir, file_format="array_record", **kwargs)
+
+    # TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    # around download_and_prepare; nothing is downloaded here and `prepare` logs its own steps.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
 
     def _info(self) -> tfds.core.DatasetInfo:
         ids = tfds.features.Tensor(
@@ -245,13 +255,18 @@ def prepare(
     errors: str = "strict",
     text_field: str = "text",
     force: bool = False,
+    min_split_documents: int = 1,
 ) -> PreparedCorpus:
     """Tokenises `corpus` with the SentencePiece model at `tokenizer_path` into `output_dir`.
 
     Validation documents are those whose text hashes below `validation_fraction` (at least
-    one when there are two or more documents), or the `validation_documents` lowest hashes.
-    Reuses `output_dir` when it already holds this corpus prepared with the same tokenizer
-    and options; refuses to overwrite one made from anything else unless `force`.
+    `min_split_documents` when there are enough documents), or the `validation_documents`
+    lowest hashes. With `min_split_documents` above 1 (pre-training's next-sentence pairs
+    need 2), each split holds at least that many documents, or a PrepareError says the
+    corpus is too small. Reuses `output_dir` when it already holds this corpus prepared with
+    the same tokenizer and options; refuses to overwrite one made from anything else unless
+    `force`. A run stopped by a bad input removes what it wrote (and `output_dir`, if it
+    made it).
     """
     if not 0.0 <= validation_fraction < 1.0:
         raise ValueError(f"validation_fraction={validation_fraction!r}: must be in [0, 1)")
@@ -259,10 +274,14 @@ def prepare(
         raise ValueError(f"validation_documents={validation_documents!r}: must be >= 0")
     if errors not in ("strict", "replace"):
         raise ValueError(f"errors={errors!r}: must be 'strict' or 'replace'")
+    if min_split_documents < 1:
+        raise ValueError(f"min_split_documents={min_split_documents!r}: must be >= 1")
     if not os.path.isfile(tokenizer_path):
         raise FileNotFoundError(
             f"tokenizer model {tokenizer_path} not found: train one with `flaxbert train-tokenizer`"
         )
+    if not corpus.startswith("tfds:"):
+        text.corpus_files(corpus)  # a missing corpus fails before anything is written
     output_dir = os.path.abspath(output_dir)
     tokenizer_path = os.path.abspath(tokenizer_path)
     if not num_workers:
@@ -273,20 +292,28 @@ def prepare(
         "errors": errors,
         "text_field": text_field,
     }
+    if min_split_documents > 1:  # only then does it change the split (and the fingerprint)
+        options["min_split_documents"] = min_split_documents
     if getattr(multiprocessing.current_process(), "_inheriting", False):
         # A worker re-running an unguarded script would wait on our lock forever.
         raise RuntimeError(
             "prepare() was called while a worker process was starting: call it under "
             "`if __name__ == '__main__':` in the script that runs it"
         )
+    created = not os.path.isdir(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     # Several processes (the hosts of one job) may prepare into one directory: the first
     # does the work while the others wait, then find it done and reuse it.
     with open(os.path.join(output_dir, ".prepare.lock"), "a") as lock:
         _wait_for_lock(lock, output_dir)
-        return _prepare_locked(
-            corpus, tokenizer_path, output_dir, options, num_workers=num_workers, force=force
-        )
+        try:
+            return _prepare_locked(
+                corpus, tokenizer_path, output_dir, options, num_workers=num_workers, force=force
+            )
+        except UserError:  # an interrupt or a bug leaves what it left, to look at
+            if created and os.listdir(output_dir) == [".prepare.lock"]:
+                shutil.rmtree(output_dir, ignore_errors=True)
+            raise
 
 
 def _wait_for_lock(lock, output_dir: str) -> None:
@@ -328,7 +355,13 @@ def _prepare_locked(corpus, tokenizer_path, output_dir, options, *, num_workers,
         )
     start = time.perf_counter()
     _remove_own_files(output_dir)  # the marker goes first: never "complete" while in flux
-    summary = _build(corpus, tokenizer_path, parts["tokenizer"], output_dir, options, num_workers)
+    try:
+        summary = _build(
+            corpus, tokenizer_path, parts["tokenizer"], output_dir, options, num_workers
+        )
+    except UserError:  # a bad input: no scratch files or half-written splits left behind
+        _remove_own_files(output_dir)
+        raise
     summary.update(
         format_version=FORMAT_VERSION,
         fingerprint=fingerprint,
@@ -345,6 +378,15 @@ def _prepare_locked(corpus, tokenizer_path, output_dir, options, *, num_workers,
         {"fingerprint": fingerprint, "completed": time.strftime("%Y-%m-%dT%H:%M:%S")},
     )
     splits = summary["splits"]
+    small = [f"{k} {v['documents']}" for k, v in splits.items() if v["documents"] < 2]
+    if small:
+        log.warning(
+            "prepare: too few documents for pre-training in %s (%s): next-sentence pairs need "
+            "at least 2 documents in each split; prepare again with `flaxbert prepare "
+            "--validation-documents 2` (or a larger corpus)",
+            output_dir,
+            ", ".join(small),
+        )
     log.info(
         "prepare: done in %.1f s: %s train / %s validation documents in %s",
         summary["seconds"],
@@ -362,7 +404,12 @@ def _build(corpus, tokenizer_path, tokenizer_sha256, output_dir, options, num_wo
     vocab_size = Tokenizer.load(tokenizer_path).vocab_size
     stats = text.ReadStats()
     scratch = _tokenize(corpus, tokenizer_path, scratch_dir, num_workers, options, stats)
-    scratch.assign_splits(options["validation_fraction"], options["validation_documents"])
+    scratch.assign_splits(
+        options["validation_fraction"],
+        options["validation_documents"],
+        options.get("min_split_documents", 1),
+        corpus,
+    )
     log.info("prepare: writing the TFDS dataset (array_record) under %s", output_dir)
     builder = PretrainingCorpusBuilder(data_dir=output_dir, scratch=scratch)
     with _quiet_tfds():
@@ -425,14 +472,24 @@ class _Scratch:
         self.token_starts = np.concatenate([[0], np.cumsum(self.num_tokens)])
         self.sentence_starts = np.concatenate([[0], np.cumsum(self.sentences, dtype=np.int64)])
 
-    def assign_splits(self, fraction: float, count: int | None) -> None:
+    def assign_splits(
+        self, fraction: float, count: int | None, min_split: int = 1, corpus: str = ""
+    ) -> None:
         n = len(self.sentences)
         order = np.argsort(self.text_hash, kind="stable")
         if count is not None:
             num_validation = min(count, max(n - 1, 0))
         else:
             below = np.count_nonzero(self.text_hash / 2.0**64 < fraction)
-            num_validation = min(max(below, 1 if fraction > 0 else 0), max(n - 1, 0))
+            num_validation = min(max(below, min_split if fraction > 0 else 0), max(n - 1, 0))
+        if min_split > 1 and min(num_validation, n - num_validation) < min_split:
+            raise PrepareError(
+                f"the corpus {corpus!r} holds {n} document(s) with text, split {n - num_validation}"
+                f" train / {num_validation} validation; each split needs at least {min_split} "
+                f"documents (next-sentence pairs take the random next segment from another "
+                f"document), so at least {2 * min_split} in all: give a larger corpus (a blank "
+                "line ends a document)"
+            )
         is_validation = np.zeros(n, dtype=bool)
         is_validation[order[:num_validation]] = True
         self.split_documents = {
@@ -589,10 +646,10 @@ def _read_shard(shard: _Shard, options: dict, scratch_dir: str, tokenizer) -> _S
             sentences.extend(doc)
             per_document.append(len(doc))
             hashes.append(_text_hash(doc))
-    except ValueError as e:
+    except text.CorpusError as e:
         if whole:
             raise
-        raise ValueError(_relocate(str(e), path, shard)) from None
+        raise e.relocated(_relocate(e.problem, path, shard)) from None
     finally:
         if not whole:
             os.remove(path)
@@ -671,11 +728,20 @@ def _shard_reader(tokenizer_path: str, num_workers: int, options: dict, scratch_
                 args = (shard, options, scratch_dir)
                 in_flight.append(pool.apply_async(_read_shard_in_worker, args))
                 if len(in_flight) >= 2 * num_workers:
-                    yield in_flight.popleft().get()
+                    yield _worker_result(in_flight.popleft())
             while in_flight:
-                yield in_flight.popleft().get()
+                yield _worker_result(in_flight.popleft())
 
         yield read
+
+
+def _worker_result(pending):
+    """A worker's result; a user's mistake it found (a bad byte, a bad record) is raised here
+    as itself, without the worker's RemoteTraceback chained to it."""
+    try:
+        return pending.get()
+    except UserError as e:
+        raise e.with_traceback(None) from None
 
 
 class _Progress:
@@ -879,9 +945,10 @@ def run_prepare(args: argparse.Namespace) -> int:
             text_field=args.text_field,
             force=args.force,
         )
-    except (PrepareError, OSError, ValueError) as e:
-        print(f"flaxbert prepare: error: {e}", file=sys.stderr)
-        return 2
+    except text.CorpusError as e:
+        return report_user_error("prepare", e.spelled("flags"))
+    except (UserError, OSError, ValueError) as e:  # ValueError: a flag's value out of range
+        return report_user_error("prepare", e)
     print(format_summary(prepared))
     return 0
 

@@ -5,7 +5,9 @@
 * raw text: a text file or glob, a `.jsonl` file, or `tfds:NAME[:SPLIT]`. The SentencePiece
   model `data.tokenizer` is trained on first use when it does not exist (with
   `data.vocab_size` pieces), and the corpus is prepared on first use into `data.cache_dir`;
-  later runs with the same inputs reuse both.
+  later runs with the same inputs reuse both. The cache names say what made them (corpus,
+  tokenizer, split and reading options), so a run with other options prepares its own copy
+  instead of tripping over the last one; a corpus file edited since is prepared again.
 
 Every source ends as two `FlatCorpus` splits (train, held-out) for the batch builder. For
 prepared datasets the flat arrays are derived once from the array_record files and kept
@@ -16,17 +18,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 
 import ml_collections
 import numpy as np
 
-from flaxbert.config import ConfigError
+from flaxbert.config import ConfigError, require
 from flaxbert.data.pretraining import FlatCorpus
 from flaxbert.data.synthetic import SyntheticCorpus
 
 log = logging.getLogger("flaxbert")
+
+CACHE_SUBDIR = "data"  # data.cache_dir='' caches in WORKDIR/data
+# Next-sentence pairs take a "random next" segment from another document than their first:
+# each split needs two documents at least.
+MIN_SPLIT_DOCUMENTS = 2
 
 
 @dataclasses.dataclass
@@ -82,20 +90,27 @@ def _is_prepared_dir(path: str) -> bool:
 
 
 def load_prepared_corpus(path: str) -> PretrainingCorpus:
+    """A directory written by `flaxbert prepare` as the two splits pre-training reads."""
     from flaxbert.data.prepare import load_prepared
 
     prepared = load_prepared(path)
     tokenizer = _load_tokenizer(prepared.tokenizer_path)
+    s = prepared.summary["splits"]
+    fixes = {  # checked before the flat arrays are derived: that can take a while
+        "train": "hold out fewer documents (`flaxbert prepare` with a smaller "
+        "--validation-fraction or --validation-documents) or give a larger corpus",
+        "validation": "hold out more (`flaxbert prepare` with --validation-documents "
+        f"{MIN_SPLIT_DOCUMENTS} or a larger --validation-fraction)",
+    }
+    for name, fix in fixes.items():
+        if s[name]["documents"] < MIN_SPLIT_DOCUMENTS:
+            raise ConfigError(
+                f"config key data.corpus={path!r}: its {name} split holds "
+                f"{s[name]['documents']} document(s) and next-sentence pairs need at least "
+                f"{MIN_SPLIT_DOCUMENTS} in each split: {fix}"
+            )
     train = prepared_flat_corpus(path, "train")
     held_out = prepared_flat_corpus(path, "validation")
-    for name, split in (("train", train), ("validation", held_out)):
-        if split.num_documents < 2:
-            raise ConfigError(
-                f"prepared dataset {path}: the {name} split holds {split.num_documents} "
-                "document(s); next-sentence pairs need at least 2 (prepare again with a larger "
-                "--validation-fraction, or more documents)"
-            )
-    s = prepared.summary["splits"]
     return PretrainingCorpus(
         train=train,
         eval=held_out,
@@ -123,13 +138,79 @@ def _load_tokenizer(path: str):
         raise ConfigError(f"tokenizer {path}: {e}") from None
 
 
+def _check_raw_inputs(data) -> None:
+    """What can be checked of a raw corpus and its options before any work starts."""
+    from flaxbert.data import text
+
+    require(
+        0.0 < data.validation_fraction < 1.0,
+        "data.validation_fraction",
+        data.validation_fraction,
+        "pre-training evaluates on held-out documents: give a fraction in (0, 1), e.g. 0.01 "
+        f"(at least {MIN_SPLIT_DOCUMENTS} documents are held out whatever the fraction)",
+    )
+    require(
+        data.errors in text.ERRORS_MODES,
+        "data.errors",
+        data.errors,
+        f"choose one of {', '.join(text.ERRORS_MODES)}",
+    )
+    require(bool(data.text_field), "data.text_field", data.text_field, "name a JSON key")
+    if not data.tokenizer or not os.path.exists(data.tokenizer):  # one will be trained
+        from flaxbert.tokenizer import MODEL_TYPES, NUM_BYTE_PIECES, NUM_SPECIAL
+
+        require(
+            data.tokenizer_model_type in MODEL_TYPES,
+            "data.tokenizer_model_type",
+            data.tokenizer_model_type,
+            f"choose one of {', '.join(MODEL_TYPES)}",
+        )
+        least = NUM_SPECIAL + NUM_BYTE_PIECES + 1
+        require(
+            data.vocab_size >= least,
+            "data.vocab_size",
+            data.vocab_size,
+            f"a trained tokenizer has {NUM_SPECIAL} special and {NUM_BYTE_PIECES} byte pieces "
+            f"first: give at least {least}",
+        )
+    if data.corpus.startswith("tfds:"):
+        return
+    what = (
+        "give a text file or glob (one sentence or paragraph per line, a blank line between "
+        "documents), a .jsonl file, tfds:NAME[:SPLIT], or a directory written by "
+        "`flaxbert prepare`"
+    )
+    if os.path.isdir(data.corpus):  # a finished `flaxbert prepare` output never gets here
+        if os.path.exists(os.path.join(data.corpus, ".prepare.lock")):
+            why = "an unfinished `flaxbert prepare` output (no COMPLETE): run it again"
+        else:
+            why = f"a directory: {what}, e.g. '{data.corpus}/*.txt'"
+        raise ConfigError(f"config key data.corpus={data.corpus!r} is {why}")
+    try:
+        text.corpus_files(data.corpus)
+    except text.CorpusError as e:
+        raise ConfigError(f"config key data.corpus={data.corpus!r}: {e.problem}; {what}") from None
+
+
 def _from_raw(data, workdir: str) -> PretrainingCorpus:
+    from flaxbert.data import text
+
+    _check_raw_inputs(data)
+    try:
+        return _train_and_prepare(data, workdir)
+    except text.CorpusError as e:  # say how to set the reader option in the config
+        raise e.spelled("config") from None
+
+
+def _train_and_prepare(data, workdir: str) -> PretrainingCorpus:
     from flaxbert.data.prepare import prepare
     from flaxbert.tokenizer import train_tokenizer
 
-    cache = data.cache_dir or os.path.join(workdir, "data")
+    cache = data.cache_dir or os.path.join(workdir, CACHE_SUBDIR)
     os.makedirs(cache, exist_ok=True)
     stem = _slug(data.corpus)
+    if data.text_field != "text":  # another field of a JSONL or TFDS corpus: other text
+        stem += "-" + _slug(data.text_field)
     tokenizer = data.tokenizer or os.path.join(
         cache, f"{stem}-{data.tokenizer_model_type}{data.vocab_size}.model"
     )
@@ -146,16 +227,29 @@ def _from_raw(data, workdir: str) -> PretrainingCorpus:
             data.corpus,
             tokenizer,
         )
-        train_tokenizer(
-            [data.corpus],
-            data.vocab_size,
-            tokenizer[: -len(".model")],
-            model_type=data.tokenizer_model_type,
-            errors=data.errors,
-            text_field=data.text_field,
-        )
+        try:
+            train_tokenizer(
+                [data.corpus],
+                data.vocab_size,
+                tokenizer[: -len(".model")],
+                model_type=data.tokenizer_model_type,
+                errors=data.errors,
+                text_field=data.text_field,
+            )
+        except RuntimeError as e:  # SentencePiece refused, e.g. too many pieces for the text
+            raise ConfigError(
+                f"{e}; set a smaller data.vocab_size (and model.vocab_size to match) or give "
+                "a larger corpus"
+            ) from None
     tokenizer_tag = hashlib.sha256(open(tokenizer, "rb").read()).hexdigest()[:10]
-    output = os.path.join(cache, f"{stem}-prepared-{tokenizer_tag}")
+    options = {
+        "validation_fraction": data.validation_fraction,
+        "errors": data.errors,
+        "text_field": data.text_field,
+        "min_split_documents": MIN_SPLIT_DOCUMENTS,
+    }
+    options_tag = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:6]
+    output = os.path.join(cache, f"{stem}-prepared-{tokenizer_tag}-{options_tag}")
     prepare(
         data.corpus,
         tokenizer,
@@ -163,6 +257,10 @@ def _from_raw(data, workdir: str) -> PretrainingCorpus:
         validation_fraction=data.validation_fraction,
         errors=data.errors,
         text_field=data.text_field,
+        min_split_documents=MIN_SPLIT_DOCUMENTS,
+        # This directory is named by everything but the corpus files' contents: when they
+        # have changed since, the cache is stale and is prepared again.
+        force=True,
     )
     return load_prepared_corpus(output)
 

@@ -40,7 +40,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from flaxbert.config import ConfigError
+from flaxbert.config import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +71,22 @@ _FORMAT_KEYS: dict[str, tuple[str, ...]] = {
 }
 _TFDS_PREFIX = "tfds:"
 _SKIP_HINT = (
-    "fix or delete that {unit}, or set skip_bad_rows=True in the task's data config to leave "
-    "such {unit}s out (they are then listed in ReadResult.skipped)"
+    "fix or delete that {unit}, or set data.reader.skip_bad_rows=True to leave such {unit}s "
+    "out (they are then counted and logged)"
 )
+# Fine-tuning reads its label names from data.label_list and the reader checks rows against
+# data.reader.label_list: a new label goes into both.
+_LABEL_KEYS = "data.label_list and data.reader.label_list"
 _BOM = "\ufeff"
+_ENCODING = "utf-8-sig"  # UTF-8, a leading byte-order mark dropped (MRPC's files have one)
 
 
-class TaskDataError(ValueError):
+class TaskDataError(UserError, ValueError):
     """A task file that cannot be read as configured; the message names the file and row."""
+
+
+class TaskFileNotFoundError(TaskDataError, FileNotFoundError):
+    """A task file that does not exist."""
 
 
 # ------------------------------------------------------------------------------ examples
@@ -150,13 +158,13 @@ class ReaderSpec:
     tag_column: int = -1
     token_prefix: str = ""
     skip_bad_rows: bool = False
-    encoding: str = "utf-8-sig"  # the -sig codec drops a leading BOM (MRPC's files have one)
+    encoding: str = _ENCODING
 
     def __post_init__(self):
         if self.format not in FORMATS:
             raise ConfigError(
-                f"config key data.format={self.format!r}: must be one of {', '.join(FORMATS)}"
-                + _did_you_mean(str(self.format), FORMATS)
+                f"config key data.reader.format={self.format!r}: must be one of "
+                f"{', '.join(FORMATS)}" + _did_you_mean(str(self.format), FORMATS)
             )
         if self.quoting is None:
             self.quoting = self.format == "csv"
@@ -165,41 +173,41 @@ class ReaderSpec:
             self._check_text_columns()
         elif self.format == "conll" and self.token_column == self.tag_column:
             raise ConfigError(
-                f"config key data.tag_column={self.tag_column!r}: the same column as "
-                "data.token_column; tokens and tags must come from different columns"
+                f"config key data.reader.tag_column={self.tag_column!r}: the same column as "
+                "data.reader.token_column; tokens and tags must come from different columns"
             )
         if len(set(self.label_list)) != len(self.label_list) or "" in self.label_list:
             raise ConfigError(
-                f"config key data.label_list={','.join(self.label_list)!r}: label names must "
-                "be non-empty and distinct (a comma-separated list, e.g. 'negative,positive')"
+                f"config key data.reader.label_list={','.join(self.label_list)!r}: label names "
+                "must be non-empty and distinct (a comma-separated list, e.g. 'negative,positive')"
             )
         try:
             codecs.lookup(self.encoding)
         except LookupError:
             raise ConfigError(
-                f"config key data.encoding={self.encoding!r}: not a codec Python knows "
+                f"config key data.reader.encoding={self.encoding!r}: not a codec Python knows "
                 "(use e.g. 'utf-8-sig', 'utf-8' or 'cp949')"
             ) from None
 
     def _check_text_columns(self) -> None:
         if not self.text_a:
             raise ConfigError(
-                f"config key data.text_a is missing: format {self.format!r} needs the "
+                f"config key data.reader.text_a is missing: format {self.format!r} needs the "
                 + ("key" if self.format == "jsonl" else "column")
                 + " that holds the (first) text"
             )
         if self.label_list and not self.label:
             raise ConfigError(
-                f"config key data.label_list={','.join(self.label_list)!r} is set but "
-                "data.label is empty: name the column that holds the labels"
+                f"config key data.reader.label_list={','.join(self.label_list)!r} is set but "
+                "data.reader.label is empty: name the column that holds the labels"
             )
         if self.format != "jsonl" and not self.header:
             for key in ("text_a", "text_b", "label"):
                 value = getattr(self, key)
                 if value and _as_int(value) is None:
                     raise ConfigError(
-                        f"config key data.{key}={value!r}: a file without a header "
-                        "(data.header=False) names columns by 0-based index, e.g. '3'"
+                        f"config key data.reader.{key}={value!r}: a file without a header "
+                        "(data.reader.header=False) names columns by 0-based index, e.g. '3'"
                     )
 
     @property
@@ -220,11 +228,11 @@ class ReaderSpec:
         fmt = values.get("format")
         if fmt is None or fmt == "":
             raise ConfigError(
-                f"config key data.format is missing: choose one of {', '.join(FORMATS)}"
+                f"config key data.reader.format is missing: choose one of {', '.join(FORMATS)}"
             )
         if fmt not in FORMATS:
             raise ConfigError(
-                f"config key data.format={fmt!r}: must be one of {', '.join(FORMATS)}"
+                f"config key data.reader.format={fmt!r}: must be one of {', '.join(FORMATS)}"
                 + _did_you_mean(str(fmt), FORMATS)
             )
         reader_keys = [f.name for f in dataclasses.fields(cls)]
@@ -235,7 +243,7 @@ class ReaderSpec:
                 continue
             if key not in reader_keys:
                 raise ConfigError(
-                    f"unknown config key data.{key} for a task reader (reader keys: "
+                    f"unknown config key data.reader.{key} for a task reader (reader keys: "
                     f"{', '.join(reader_keys)}; task keys: {', '.join(TASK_KEYS)})"
                     + _did_you_mean(key, reader_keys + list(TASK_KEYS))
                 )
@@ -244,7 +252,7 @@ class ReaderSpec:
                     continue
                 users = [f for f, keys in _FORMAT_KEYS.items() if key in keys]
                 raise ConfigError(
-                    f"config key data.{key}={value!r} does not apply to format {fmt!r} "
+                    f"config key data.reader.{key}={value!r} does not apply to format {fmt!r} "
                     f"(only {', '.join(users)} read it): remove it"
                 )
             if value is not None:
@@ -256,12 +264,12 @@ def _convert_key(key: str, value: Any) -> Any:
     """Config value → field value; a wrong type is reported with the key."""
     if key in ("header", "quoting", "skip_bad_rows"):
         if not isinstance(value, bool):
-            raise ConfigError(f"config key data.{key}={value!r}: must be True or False")
+            raise ConfigError(f"config key data.reader.{key}={value!r}: must be True or False")
         return value
     if key in ("token_column", "tag_column"):
         number = _as_int(value)
         if number is None:
-            raise ConfigError(f"config key data.{key}={value!r}: must be an integer column")
+            raise ConfigError(f"config key data.reader.{key}={value!r}: must be an integer column")
         return number
     if key == "label_list":
         if isinstance(value, str):
@@ -269,7 +277,7 @@ def _convert_key(key: str, value: Any) -> Any:
         if isinstance(value, list | tuple):
             return tuple(str(name).strip() for name in value)
         raise ConfigError(
-            f"config key data.label_list={value!r}: must be a comma-separated string of "
+            f"config key data.reader.label_list={value!r}: must be a comma-separated string of "
             "label names ('' for a regression task)"
         )
     if (
@@ -279,7 +287,7 @@ def _convert_key(key: str, value: Any) -> Any:
     ):
         return str(value)  # a column index given as a number
     if not isinstance(value, str):
-        raise ConfigError(f"config key data.{key}={value!r}: must be a string")
+        raise ConfigError(f"config key data.reader.{key}={value!r}: must be a string")
     return value
 
 
@@ -392,9 +400,9 @@ def _read_text(path: str, encoding: str) -> str:
         with open(path, "rb") as f:
             raw = f.read()
     except FileNotFoundError:
-        raise FileNotFoundError(
-            f"task file {path} not found: check the task's train_file/eval_file and the "
-            "directory they are relative to"
+        raise TaskFileNotFoundError(
+            f"task file {path} not found: check data.train_file, data.eval_file and "
+            "data.test_file and the directory they are relative to"
         ) from None
     try:
         return raw.decode(encoding)
@@ -402,7 +410,8 @@ def _read_text(path: str, encoding: str) -> str:
         line = raw.count(b"\n", 0, e.start) + 1
         raise TaskDataError(
             f"{path}, line {line}: not valid {encoding} ({e.reason} at byte {e.start}); "
-            "re-save the file as UTF-8 or set data.encoding to the codec it was written in"
+            "re-save the file as UTF-8, or set data.reader.encoding to the codec it was written "
+            "in (e.g. cp949)"
         ) from None
 
 
@@ -445,7 +454,7 @@ def _label(spec: ReaderSpec, raw: Any) -> int | float:
             raise _BadRow(
                 f"{shown} in {spec.label!r} is not one of the allowed labels "
                 f"{', '.join(spec.label_list)}",
-                hint="if it is a real class, add it to data.label_list",
+                hint=f"if it is a real class, add it to {_LABEL_KEYS}",
             )
         return spec.label_list.index(name)
     try:
@@ -454,9 +463,9 @@ def _label(spec: ReaderSpec, raw: Any) -> int | float:
         score = float(raw) if isinstance(raw, int | float) else float(str(raw).strip())
     except ValueError:
         raise _BadRow(
-            f"the score {raw!r} in {spec.label!r} is not a number (data.label_list is empty, "
-            "so the task is read as regression)",
-            hint="for a classification task set data.label_list",
+            f"the score {raw!r} in {spec.label!r} is not a number (data.reader.label_list is "
+            "empty, so the task is read as regression)",
+            hint=f"for a classification task set {_LABEL_KEYS}",
         ) from None
     if not math.isfinite(score):
         raise _BadRow(f"the score {raw!r} in {spec.label!r} is not a finite number")
@@ -466,12 +475,16 @@ def _label(spec: ReaderSpec, raw: Any) -> int | float:
 def _read_table(spec: ReaderSpec, text: str, sink: _Sink, delimiter: str) -> None:
     kind = "tab-separated" if delimiter == "\t" else "comma-separated"
     if spec.quoting:
-        hint = "with quoting on, a stray double quote joins or splits fields: try quoting=False"
+        hint = (
+            "with quoting on, a stray double quote joins or splits fields: try "
+            "data.reader.quoting=False"
+        )
     else:
         hint = (
             "a missing field, or a tab inside a text, changes the count"
             if delimiter == "\t"
-            else "a comma inside an unquoted text splits it; if texts are quoted, set quoting=True"
+            else "a comma inside an unquoted text splits it; if texts are quoted, set "
+            "data.reader.quoting=True"
         )
     reader = csv.reader(
         io.StringIO(text, newline=""),
@@ -518,7 +531,11 @@ def _read_table(spec: ReaderSpec, text: str, sink: _Sink, delimiter: str) -> Non
     except csv.Error as e:
         raise TaskDataError(f"{sink.path}, line {reader.line_num}: {e}; {hint}") from None
     if columns is None:
-        raise TaskDataError(f"{sink.path}: the file is empty; expected a {spec.format} file")
+        raise TaskDataError(
+            f"{sink.path}: the file is empty; expected a {spec.format} file"
+            + (" starting with a header row" if spec.header else "")
+            + ": check that data.train_file, data.eval_file or data.test_file names the right file"
+        )
 
 
 def _header_column(spec: ReaderSpec, key: str, header: list[str], path: str, line: int):
@@ -529,20 +546,23 @@ def _header_column(spec: ReaderSpec, key: str, header: list[str], path: str, lin
         return header.index(name)
     if name in header:
         raise TaskDataError(
-            f"{path}, line {line}: the header names column {name!r} (data.{key}) more than "
+            f"{path}, line {line}: the header names column {name!r} (data.reader.{key}) more than "
             "once; rename one of them"
         )
     bom = (
-        " (the first name starts with a byte-order mark: use data.encoding='utf-8-sig')"
+        " (the first name starts with a byte-order mark: use data.reader.encoding='utf-8-sig')"
         if header and header[0].startswith(_BOM)
         else ""
     )
     headerless = (
-        "; for a file without a header set data.header=False" if _as_int(name) is not None else ""
+        "; for a file without a header set data.reader.header=False"
+        if _as_int(name) is not None
+        else ""
     )
     raise TaskDataError(
-        f"{path}, line {line}: the header has no column {name!r} (data.{key}); its columns are "
-        f"{', '.join(repr(h) for h in header)}{bom}{headerless}"
+        f"{path}, line {line}: the header has no column {name!r} (data.reader.{key}); its "
+        f"columns are {', '.join(repr(h) for h in header)}: set data.reader.{key} to the one "
+        f"meant{bom}{headerless}"
     )
 
 
@@ -553,8 +573,8 @@ def _index_column(spec: ReaderSpec, key: str, row: list[str], path: str, line: i
     index = _as_int(value)
     if not -len(row) <= index < len(row):
         raise TaskDataError(
-            f"{path}, line {line}: data.{key}={value!r} but the first row has only {len(row)} "
-            "columns (indices are 0-based)"
+            f"{path}, line {line}: data.reader.{key}={value!r} but the first row has only "
+            f"{len(row)} columns (indices are 0-based)"
         )
     return index % len(row)
 
@@ -603,7 +623,7 @@ def _check_tag(spec: ReaderSpec, tag: str) -> None:
     if spec.label_list and tag not in spec.label_list:
         raise _BadRow(
             f"tag {tag!r} is not one of the allowed labels {', '.join(spec.label_list)}",
-            hint="if it is a real tag, add it to data.label_list",
+            hint=f"if it is a real tag, add it to {_LABEL_KEYS}",
         )
 
 
@@ -642,8 +662,8 @@ def _read_conll(spec: ReaderSpec, text: str, sink: _Sink) -> None:
                 index = getattr(spec, key)
                 if not -n_fields <= index < n_fields:
                     raise TaskDataError(
-                        f"{sink.path}, line {line}: data.{key}={index} but the line has only "
-                        f"{n_fields} fields (indices are 0-based)"
+                        f"{sink.path}, line {line}: data.reader.{key}={index} but the line has "
+                        f"only {n_fields} fields (indices are 0-based)"
                     )
         if fields[spec.token_column % len(fields)] == "-DOCSTART-":
             if flush():  # a CoNLL-2003 document marker: no token
@@ -866,8 +886,8 @@ def read_tfds(
     _check_limit(limit)
     if spec.format not in TEXT_FORMATS:
         raise ConfigError(
-            f"config key data.format={spec.format!r}: a TFDS source is read as sentence (pair) "
-            f"examples, so the format must be one of {', '.join(TEXT_FORMATS)} (its text_a, "
+            f"config key data.reader.format={spec.format!r}: a TFDS source is read as sentence "
+            f"(pair) examples, so the format must be one of {', '.join(TEXT_FORMATS)} (its text_a, "
             "text_b and label then name features)"
         )
     name, split = parse_tfds_source(name_and_split)
@@ -900,7 +920,7 @@ def read_tfds(
     for key, feature in needed.items():
         if feature not in features:
             raise ConfigError(
-                f"config key data.{key}={feature!r}: {where} has no such feature; its "
+                f"config key data.reader.{key}={feature!r}: {where} has no such feature; its "
                 f"features are {', '.join(features)}"
             )
     if spec.label:
@@ -924,13 +944,13 @@ def _check_tfds_label(spec: ReaderSpec, feature, where: str, tfds) -> None:
         return
     if not spec.label_list:
         raise ConfigError(
-            f"config key data.label_list is empty but {where} feature {spec.label!r} is a "
-            f"class label ({', '.join(feature.names)}): set data.label_list to its "
+            f"config key data.reader.label_list is empty but {where} feature {spec.label!r} is a "
+            f"class label ({', '.join(feature.names)}): set data.reader.label_list to its "
             f"{feature.num_classes} names in that order"
         )
     if feature.num_classes != len(spec.label_list):
         raise ConfigError(
-            f"config key data.label_list={','.join(spec.label_list)!r}: {where} feature "
+            f"config key data.reader.label_list={','.join(spec.label_list)!r}: {where} feature "
             f"{spec.label!r} has {feature.num_classes} classes ({', '.join(feature.names)})"
         )
 
@@ -957,7 +977,7 @@ def _tfds_example(spec: ReaderSpec, number: int, record: Mapping, where: str) ->
                 raise _BadRow(
                     f"label index {raw} is outside the {len(spec.label_list)} labels "
                     f"{', '.join(spec.label_list)}",
-                    hint="set data.label_list to the dataset's class names, in order",
+                    hint=f"set {_LABEL_KEYS} to the dataset's class names, in order",
                 )
             label = None if raw == -1 else raw
         else:
@@ -996,6 +1016,7 @@ def _tsv_task(
         "label": label,
         "header": header,
         "quoting": False,  # every one of these TSVs holds unbalanced double quotes
+        "encoding": _ENCODING,
         "label_list": label_list,
         "kind": "classification" if label_list else "regression",
         "metrics": metrics,
@@ -1006,8 +1027,11 @@ def _tsv_task(
 
 
 def _ner_task(fmt: str, label_list: str, train: str, dev: str, **reader) -> dict:
+    columns = {"token_column": 0, "tag_column": -1, "token_prefix": ""} if fmt == "conll" else {}
     return {
         "format": fmt,
+        "encoding": _ENCODING,
+        **columns,
         **reader,
         "label_list": label_list,
         "kind": "token_classification",
@@ -1018,6 +1042,8 @@ def _ner_task(fmt: str, label_list: str, train: str, dev: str, **reader) -> dict
     }
 
 
+# Every key a preset's format reads is in the preset, with its default where the task needs
+# nothing else, so the fine-tuning config has it (data.reader.KEY) for an override.
 # The data configs of the tasks in ../shared/data/tasks/<task>/ (file names relative to
 # that folder). `ReaderSpec.from_config(TASK_PRESETS[task])` reads them; a config for a new
 # task is a dict like these.
@@ -1046,6 +1072,7 @@ TASK_PRESETS: dict[str, dict] = {
     "wnut17": _ner_task("conll", _WNUT17_TAGS, "train.conll", "dev.conll"),
     "squad_v1": {
         "format": "squad",
+        "encoding": _ENCODING,
         "kind": "qa",
         "metrics": "squad",
         "main_metric": "f1",

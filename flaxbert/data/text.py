@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import dataclasses
 import glob
 import json
@@ -23,10 +24,77 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from flaxbert.config import UserError
+
 Document = list[str]
 
 ERRORS_MODES = ("strict", "replace")
 BAD_RECORD_MODES = ("error", "skip")
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+# How each kind of caller sets a reader option that an error suggests: a Python argument,
+# a flag of `flaxbert prepare` / `train-tokenizer`, or a key of the pre-training config.
+_FIX_SPELLINGS = {
+    "python": {
+        "errors": "pass errors='{}'",
+        "text_field": "pass text_field='{}'",
+        "on_bad_record": "pass on_bad_record='{}'",
+    },
+    "flags": {"errors": "pass --errors {}", "text_field": "pass --text-field {}"},
+    "config": {
+        "errors": "set --config.data.errors={}",
+        "text_field": "set --config.data.text_field={}",
+    },
+}
+SPELLINGS = tuple(_FIX_SPELLINGS)
+_default_spelling = "python"
+
+
+@contextlib.contextmanager
+def default_spelling(spelling: str):
+    """Within it, CorpusErrors without a spelling of their own write their fixes this way
+    (python outside): `flaxbert train-tokenizer` uses "flags"."""
+    global _default_spelling
+    _check_mode("spelling", spelling, SPELLINGS)
+    before, _default_spelling = _default_spelling, spelling
+    try:
+        yield
+    finally:
+        _default_spelling = before
+
+
+class CorpusError(UserError, ValueError):
+    """A corpus that cannot be read as asked. `problem` says what and where (file, line, byte);
+    each of `fixes` is (reader option, value, what setting it does), written out the way the
+    caller sets that option (`spelling`: python, flags or config, see `spelled`; None: the
+    process default, `default_spelling`). A fix the caller cannot set is left out.
+    """
+
+    def __init__(self, problem: str, fixes=(), spelling: str | None = None):
+        if spelling is not None:
+            _check_mode("spelling", spelling, SPELLINGS)
+        super().__init__(problem, tuple(fixes), spelling)  # args rebuild it when unpickled
+        self.problem, self.fixes, self.spelling = problem, tuple(fixes), spelling
+
+    def __str__(self) -> str:
+        names = _FIX_SPELLINGS[self.spelling or _default_spelling]
+        todo = [f"{names[o].format(v)} {why}" for o, v, why in self.fixes if o in names]
+        return self.problem + ("; " + ", or ".join(todo) if todo else "")
+
+    def spelled(self, spelling: str) -> CorpusError:
+        """The same error, its fixes written for another kind of caller."""
+        return type(self)(self.problem, self.fixes, spelling)
+
+    def relocated(self, problem: str) -> CorpusError:
+        """The same error and fixes about another place (a shard copy → the corpus file)."""
+        return type(self)(problem, self.fixes, self.spelling)
+
+
+class CorpusNotFoundError(CorpusError, FileNotFoundError):
+    """A corpus path or glob that names no file."""
+
 
 # --------------------------------------------------------------------------------------------
 # Sentence splitting
@@ -299,10 +367,17 @@ class _Decoder:
             return data.decode("utf-8")
         except UnicodeDecodeError as e:
             if self.errors == "strict":
-                raise ValueError(
+                raise CorpusError(
                     f"{self.path}:{lineno}: not valid UTF-8 ({e.reason} at byte offset "
-                    f"{offset + e.start} of the file); pass errors='replace' (CLI: "
-                    "--errors replace) to replace undecodable bytes with U+FFFD"
+                    f"{offset + e.start} of the file)",
+                    [
+                        (
+                            "errors",
+                            "replace",
+                            "to replace undecodable bytes with U+FFFD (or re-save the file "
+                            "as UTF-8)",
+                        )
+                    ],
                 ) from None
         parts, bad, pos = [], 0, 0
         while pos < len(data):
@@ -407,7 +482,7 @@ def read_text_documents(
     line between documents; each line is split with `split_sentences`.
 
     The file is streamed. A UTF-8 BOM and `\\r\\n` line ends are accepted. Bytes that are not
-    UTF-8 raise a ValueError naming file, line and byte offset, or with errors='replace'
+    UTF-8 raise a CorpusError naming file, line and byte offset, or with errors='replace'
     become U+FFFD and are counted in `stats.dropped`. A line over `max_line_chars` characters
     is cut at whitespace into several lines of the same document (counted).
     """
@@ -456,7 +531,7 @@ def read_jsonl_documents(
     """One document per JSON Lines record: the `text_field` string (or list of strings) is split
     into lines (blank lines are paragraph breaks, not document breaks), then sentences.
 
-    A record that is not a JSON object holding `text_field` as text raises a ValueError naming
+    A record that is not a JSON object holding `text_field` as text raises a CorpusError naming
     file, line and field (on_bad_record='error'), or is skipped and counted ('skip'). Blank
     lines of the file are ignored; a record with empty text is counted as an empty document.
     """
@@ -469,10 +544,13 @@ def read_jsonl_documents(
         if on_bad_record == "skip":
             stats.dropped[reason] += 1
             return
-        raise ValueError(
+        raise CorpusError(
             f"{path}:{lineno}: {problem}; expected one JSON object per line with the text "
-            f"under {text_field!r}. Pass text_field=... (CLI: --text-field) for another key, "
-            "or on_bad_record='skip' to skip such records"
+            f"under {text_field!r}",
+            [
+                ("text_field", "NAME", "if the text is under another key"),
+                ("on_bad_record", "skip", "to skip such records"),
+            ],
         )
 
     with open(path, "rb") as f:
@@ -527,7 +605,10 @@ def _as_text(value, stats: ReadStats) -> str:
         except UnicodeDecodeError:
             stats.dropped["undecodable bytes replaced"] += 1
             return bytes(value).decode("utf-8", errors="replace")
-    raise ValueError(f"expected a text feature, got {type(value).__name__}")
+    raise CorpusError(
+        f"expected a text feature, got {type(value).__name__}",
+        [("text_field", "NAME", "to read another feature")],
+    )
 
 
 def read_tfds_documents(
@@ -555,20 +636,21 @@ def read_tfds_documents(
         builder.download_and_prepare(file_format="array_record")
     features = builder.info.features
     if text_feature not in features:
-        raise ValueError(
+        raise CorpusError(
             f"TFDS dataset {name!r} has no feature {text_feature!r}; its features are "
-            f"{sorted(features.keys())}: pass text_feature=... (CLI: --text-field)"
+            f"{sorted(features.keys())}",
+            [("text_field", "NAME", "naming the text feature")],
         )
     split_name = split.split("[", 1)[0]
     if split_name not in builder.info.splits:
-        raise ValueError(
+        raise CorpusError(
             f"TFDS dataset {name!r} has no split {split_name!r}; its splits are "
             f"{sorted(builder.info.splits.keys())}"
         )
     try:
         source = builder.as_data_source(split=split)
     except NotImplementedError as e:  # e.g. prepared earlier as tfrecord
-        raise ValueError(
+        raise CorpusError(
             f"TFDS dataset {name!r} in {builder.data_dir} cannot be read by random access "
             f"({e}); prepare it again in array_record format "
             "(download_and_prepare(file_format='array_record')) in an empty data_dir"
@@ -593,16 +675,17 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def corpus_files(spec: str) -> list[str]:
-    """The files a path or glob names, sorted. Raises FileNotFoundError naming the pattern."""
+    """The files a path or glob names, sorted. Raises CorpusNotFoundError (a
+    FileNotFoundError) naming the pattern, or CorpusError for a directory."""
     if _GLOB_CHARS.search(spec):
         files = sorted(p for p in glob.glob(spec, recursive=True) if not os.path.isdir(p))
         if not files:
-            raise FileNotFoundError(f"no file matches the pattern {spec!r}")
+            raise CorpusNotFoundError(f"no file matches the pattern {spec!r}")
         return files
     if os.path.isdir(spec):
-        raise ValueError(f"{spec!r} is a directory: pass a file or a glob, e.g. '{spec}/*.txt'")
+        raise CorpusError(f"{spec!r} is a directory: give a file or a glob, e.g. '{spec}/*.txt'")
     if not os.path.exists(spec):
-        raise FileNotFoundError(f"no such corpus file: {spec!r}")
+        raise CorpusNotFoundError(f"no such corpus file: {spec!r}")
     return [spec]
 
 
@@ -628,14 +711,14 @@ def iter_corpus_documents(
     - a glob (`*`, `?`, `[`): its files in sorted order, each read by its extension, one
       after the other (a document never spans two files).
 
-    Raises ValueError naming the spec if it yields no document at all.
+    Raises CorpusError naming the spec if it yields no document at all.
     """
     _check_mode("errors", errors, ERRORS_MODES)
     stats = ReadStats() if stats is None else stats
     if spec.startswith("tfds:"):
         m = _TFDS_SPEC.fullmatch(spec[len("tfds:") :])
         if not m:
-            raise ValueError(f"bad TFDS corpus spec {spec!r}: expected tfds:NAME[:SPLIT]")
+            raise CorpusError(f"bad TFDS corpus spec {spec!r}: expected tfds:NAME[:SPLIT]")
         name = m.group(1) + (m.group(2) or "")
         sources: Iterable[Iterator[Document]] = [
             read_tfds_documents(
@@ -663,7 +746,11 @@ def iter_corpus_documents(
             empty = False
             yield doc
     if empty:
-        raise ValueError(f"the corpus {spec!r} holds no documents: its input is empty or blank")
+        raise CorpusError(
+            f"the corpus {spec!r} holds no documents: its input is empty or blank; give a "
+            "corpus with text (one sentence or paragraph per line, a blank line between "
+            "documents)"
+        )
 
 
 def add_text_input_flags(p) -> None:
