@@ -367,9 +367,20 @@ class BertModel(nn.Module):
         deterministic: bool = True,
         all_layers: bool = False,
         cls_positions=None,
+        pool: bool = True,
     ) -> EncoderOutput:
-        """`cls_positions` (B, K) marks packed rows: the [CLS] of each pair, pooled one by one
-        (its `input_mask` then numbers the pairs, see `attention_mask`)."""
+        """Encodes token ids `input_ids` (B, L), `input_mask` (B, L) and `segment_ids` (B, L).
+
+        `position_ids` (B, L) default to 0..L-1. `cls_positions` (B, K) marks packed rows: the
+        [CLS] of each pair, pooled one by one (its `input_mask` then numbers the pairs, see
+        `attention_mask`). `pool=False` skips the pooler (`pooled_BD` is None), so that a
+        checkpoint without one (a transformers BertForMaskedLM) runs what does not need it.
+
+        Raises ValueError, while tracing (free at run time), when L exceeds
+        `max_position_embeddings`; and, for concrete (not traced) inputs, when an id lies
+        outside its table (word, position or segment ids), which would otherwise give NaN.
+        """
+        check_inputs(self.config, input_ids, segment_ids, position_ids)
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
         mask = attention_mask(input_mask, packed=cls_positions is not None)
@@ -384,7 +395,7 @@ class BertModel(nn.Module):
                 x_BLD = layer(x_BLD, mask, deterministic)
                 hidden.append(x_BLD)
         pooled_BD = None
-        if self.add_pooler:
+        if self.add_pooler and pool:
             if cls_positions is None:
                 cls_BD = x_BLD[:, 0]
             else:
@@ -398,6 +409,53 @@ class BertModel(nn.Module):
 
     def attend(self, x_BPD):
         return self.embeddings.attend(x_BPD)
+
+
+def check_inputs(config: BertConfig, input_ids_BL, segment_ids_BL=None, position_ids_BL=None):
+    """Refuses inputs the embedding tables cannot hold, which would otherwise read past a
+    table (`jnp.take` fills with NaN) and give NaN logits without a word.
+
+    Always (shapes are static, so under `jax.jit` this costs nothing at run time): the
+    length L of `input_ids_BL` (B, L) must not exceed `config.max_position_embeddings`, and
+    `segment_ids_BL` / `position_ids_BL` must have the shape of `input_ids_BL`. For concrete
+    arrays (eager calls; traced values cannot be read): every id must lie in its table,
+    [0, vocab_size), [0, type_vocab_size), [0, max_position_embeddings). Raises ValueError
+    naming the lengths or ids and what to do.
+    """
+    shape = tuple(jnp.shape(input_ids_BL))
+    if len(shape) < 1:
+        raise ValueError(f"input_ids must have a length axis (B, L); got shape {shape}")
+    length, table = shape[-1], config.max_position_embeddings
+    if length > table:
+        raise ValueError(
+            f"input length {length} exceeds the model's max_position_embeddings={table} "
+            f"(model.max_position_embeddings): positions from {table} on have no "
+            f"embedding. Truncate the inputs to at most {table} tokens (e.g. "
+            f"data.max_seq_length / --max-seq-length <= {table}), or use a model with a "
+            "larger position table"
+        )
+    limits = (
+        ("input_ids", input_ids_BL, config.vocab_size, "vocab_size"),
+        ("segment_ids", segment_ids_BL, config.type_vocab_size, "type_vocab_size"),
+        ("position_ids", position_ids_BL, table, "max_position_embeddings"),
+    )
+    for name, ids, size, key in limits:
+        if ids is None:
+            continue
+        if name != "input_ids" and tuple(jnp.shape(ids)) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(jnp.shape(ids))} but input_ids has {shape}; "
+                "give one id per token"
+            )
+        if isinstance(ids, jax.core.Tracer) or not getattr(ids, "is_fully_addressable", True):
+            continue  # inside jit/scan (values unknown until run time), or not all on this host
+        values = jax.device_get(ids)
+        if values.size and (values.min() < 0 or values.max() >= size):
+            raise ValueError(
+                f"{name} holds ids from {int(values.min())} to {int(values.max())} but the "
+                f"model's table has {size} rows (model.{key}={size}): every id must be in "
+                f"[0, {size}). Check the tokenizer and the model config belong together"
+            )
 
 
 def stack_layers(params: Mapping[str, Any], num_layers: int) -> dict[str, Any]:
@@ -421,26 +479,96 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 
 @flax.struct.dataclass
 class PretrainingOutput:
-    mlm_logits_BPV: jax.Array
-    nsp_logits_B2: jax.Array  # (B, K, 2) for packed rows
+    mlm_logits_BPV: jax.Array | None  # None for a model without the MLM head
+    nsp_logits_B2: jax.Array | None  # (B, K, 2) for packed rows; None without the NSP head
+
+
+HEADS = ("pooler", "mlm", "nsp")  # the optional parts of a pre-training parameter tree
+_MLM_PARAMS = ("mlm_transform", "mlm_layer_norm", "mlm_output_bias")
+
+
+def heads_of(params: Mapping[str, Any]) -> tuple[str, ...]:
+    """Which of 'pooler', 'mlm', 'nsp' a pre-training parameter tree (the `params`
+    collection, layers stacked or not) holds, in that order. A checkpoint converted from a
+    transformers BertForMaskedLM has ('mlm',), a BertModel ('pooler',) or ()."""
+    present = {
+        "pooler": "pooler" in params.get("bert", {}),
+        "mlm": all(k in params for k in _MLM_PARAMS),
+        "nsp": "nsp" in params,
+    }
+    return tuple(h for h in HEADS if present[h])
 
 
 class BertForPreTraining(nn.Module):
-    """Encoder + masked-LM head (on gathered positions only) + next-sentence head."""
+    """Encoder + masked-LM head (on gathered positions only) + next-sentence head.
+
+    The heads are optional so that every layout a HuggingFace import gives runs: `add_pooler`
+    False is a BertForMaskedLM checkpoint (no pooler, hence no NSP head), `add_mlm` and
+    `add_nsp` False a bare BertModel. `BertForPreTraining.for_params(config, params)` builds
+    the model that fits a parameter tree. A head the parameters lack but the model expects
+    is refused with a ValueError that says so (not Flax's ScopeParamNotFoundError).
+    """
 
     config: BertConfig
+    add_pooler: bool = True
+    add_mlm: bool = True
+    add_nsp: bool = True
+
+    @classmethod
+    def for_params(cls, config: BertConfig, params: Mapping[str, Any]) -> BertForPreTraining:
+        """The model whose heads are those of `params` (see `heads_of`)."""
+        heads = heads_of(params)
+        return cls(
+            config,
+            add_pooler="pooler" in heads,
+            add_mlm="mlm" in heads,
+            add_nsp="nsp" in heads,
+        )
 
     def setup(self):
         cfg = self.config
-        self.bert = BertModel(cfg)
-        self.mlm_transform = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "mlm_transform")
-        self.mlm_layer_norm = _layer_norm(cfg, "mlm_layer_norm")
-        self.mlm_output_bias = self.param(
-            "mlm_output_bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype
-        )
-        self.nsp = _dense(cfg, 2, ("embed_out", "classes"), "nsp")
+        if self.add_nsp and not self.add_pooler:
+            raise ValueError(
+                "BertForPreTraining(add_nsp=True, add_pooler=False): the NSP head reads the "
+                "pooled [CLS] vector; give add_nsp=False or add_pooler=True"
+            )
+        self.bert = BertModel(cfg, add_pooler=self.add_pooler)
+        if self.add_mlm:
+            self.mlm_transform = _dense(
+                cfg, cfg.hidden_size, ("embed", "embed_out"), "mlm_transform"
+            )
+            self.mlm_layer_norm = _layer_norm(cfg, "mlm_layer_norm")
+            # A parameter (unlike a submodule) is looked up here, in setup: parameters without
+            # it reach `_require`, which says what is missing, instead of failing here.
+            if self.is_initializing() or self.has_variable("params", "mlm_output_bias"):
+                self.mlm_output_bias = self.param(
+                    "mlm_output_bias", _zeros(("vocab",)), (cfg.vocab_size,), cfg.param_dtype
+                )
+        if self.add_nsp:
+            self.nsp = _dense(cfg, 2, ("embed_out", "classes"), "nsp")
+
+    def _require(self, wanted: tuple[str, ...]) -> None:
+        """A clear error for a head the model expects but the parameters do not hold."""
+        if self.is_initializing() or not self.scope.has_variable("params", "bert"):
+            return
+        params = self.scope.variables()["params"]
+        missing = [h for h in wanted if h not in heads_of(params)]
+        if missing:
+            raise ValueError(
+                f"the parameters have no {' / '.join(missing)} head (they hold "
+                f"{', '.join(heads_of(params)) or 'the encoder only'}, as a checkpoint "
+                "converted from a transformers BertForMaskedLM or BertModel does). Build the "
+                "model that fits them: BertForPreTraining.for_params(config, params)"
+            )
 
     def mlm_head(self, x_BPD):
+        """Vocabulary logits (B, P, V) of final hidden states `x_BPD` (B, P, D)."""
+        if not self.add_mlm:
+            raise ValueError(
+                "this BertForPreTraining has no MLM head (add_mlm=False: the checkpoint holds "
+                "an encoder only, e.g. a transformers BertModel); MLM logits need one"
+            )
+        self._require(("mlm",))
         h_BPD = self.mlm_layer_norm(nn.gelu(self.mlm_transform(x_BPD), approximate=False))
         logits_BPV = self.bert.attend(h_BPD) + self.mlm_output_bias.astype(self.config.dtype)
         return nn.with_logical_constraint(logits_BPV, ("batch", "length", "vocab"))
@@ -455,7 +583,10 @@ class BertForPreTraining(nn.Module):
         deterministic: bool = True,
         cls_positions=None,
     ) -> PretrainingOutput:
-        """Packed rows (`cls_positions` (B, K) given) give NSP logits (B, K, 2)."""
+        """MLM logits (B, P, V) at `masked_lm_positions` (B, P) and NSP logits (B, 2) of
+        `input_ids`, `input_mask`, `segment_ids` (B, L); a head the model lacks gives None.
+        Packed rows (`cls_positions` (B, K) given) give NSP logits (B, K, 2)."""
+        self._require(tuple(h for h, on in zip(HEADS, self._heads(), strict=True) if on))
         out = self.bert(
             input_ids,
             input_mask,
@@ -463,17 +594,26 @@ class BertForPreTraining(nn.Module):
             position_ids,
             deterministic,
             cls_positions=cls_positions,
+            pool=self.add_pooler,
         )
-        # Vocabulary logits only where a prediction is asked for: P is ~15% of L.
-        x_BPD = jnp.take_along_axis(out.sequence_BLD, masked_lm_positions[..., None], axis=1)
+        mlm_logits_BPV = None
+        if self.add_mlm:
+            # Vocabulary logits only where a prediction is asked for: P is ~15% of L.
+            x_BPD = jnp.take_along_axis(out.sequence_BLD, masked_lm_positions[..., None], axis=1)
+            mlm_logits_BPV = self.mlm_head(x_BPD)
         return PretrainingOutput(
-            mlm_logits_BPV=self.mlm_head(x_BPD),
-            nsp_logits_B2=self.nsp(out.pooled_BD),
+            mlm_logits_BPV=mlm_logits_BPV,
+            nsp_logits_B2=self.nsp(out.pooled_BD) if self.add_nsp else None,
         )
 
+    def _heads(self) -> tuple[bool, bool, bool]:
+        return (self.add_pooler, self.add_mlm, self.add_nsp)
+
     def all_position_mlm_logits(self, input_ids, input_mask, segment_ids):
-        """Vocabulary logits at every position (B, L, V): for inspection and tests only."""
-        out = self.bert(input_ids, input_mask, segment_ids, None, True)
+        """Vocabulary logits at every position (B, L, V) of `input_ids`, `input_mask`,
+        `segment_ids` (B, L): for inspection and tests. Needs the MLM head only (no pooler,
+        no NSP head), so it runs on a converted BertForMaskedLM as it is."""
+        out = self.bert(input_ids, input_mask, segment_ids, None, True, pool=False)
         return self.mlm_head(out.sequence_BLD)
 
 

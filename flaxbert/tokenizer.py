@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -274,8 +275,6 @@ class Tokenizer:
         start = char_of_byte[begin]  # the character the first byte belongs to
         stop = np.where(end > 0, char_of_byte[np.maximum(end - 1, 0)] + 1, 0)
         stop = np.maximum(stop, start)
-        import unicodedata
-
         for i, p in enumerate(pieces):
             if p.piece.startswith(WORD_BOUNDARY):
                 # Whitespace as the normaliser sees it: spaces, and the invisible format and
@@ -446,11 +445,26 @@ class WordPieceTokenizer:
                 vocab, unk_token=SPECIAL_TOKENS[UNK_ID], continuing_subword_prefix=CONTINUATION
             )
         )
-        tok.normalizer = normalizers.BertNormalizer(
-            clean_text=True,
-            handle_chinese_chars=casing.tokenize_chinese_chars,
-            strip_accents=casing.strip_accents,
-            lowercase=casing.lowercase,
+        # In BertTokenizer's order: clean-up and CJK spacing, then NFC (so that "e" + U+0301
+        # and decomposed Hangul jamo meet the composed pieces of the vocabulary), then
+        # lowercasing and accent stripping. Each step keeps its alignment to the input, so
+        # offsets still point into the original text.
+        tok.normalizer = normalizers.Sequence(
+            [
+                normalizers.BertNormalizer(
+                    clean_text=True,
+                    handle_chinese_chars=casing.tokenize_chinese_chars,
+                    strip_accents=False,
+                    lowercase=False,
+                ),
+                normalizers.NFC(),
+                normalizers.BertNormalizer(
+                    clean_text=False,
+                    handle_chinese_chars=False,
+                    strip_accents=casing.strip_accents,
+                    lowercase=casing.lowercase,
+                ),
+            ]
         )
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         self._tokenizer = tok
@@ -509,13 +523,24 @@ class WordPieceTokenizer:
     def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, char_start, char_end), int32 each: per piece the span [char_start, char_end)
         of the ORIGINAL `text` (str indices) it came from, through lowercasing, accent
-        stripping and clean-up ("Café" -> "cafe" keeps the span of "Café"). A word spelled
-        as [UNK] spans the whole word. Spans never include whitespace and never decrease."""
-        e = self._tokenizer.encode(text, add_special_tokens=False)
+        stripping, clean-up and NFC ("Café" -> "cafe" keeps the span of "Café"; "e" + U+0301
+        composed into "é" spans both characters, decomposed Hangul jamo the whole syllable).
+        Pieces of one character (uncased: the jamo pieces of a Hangul syllable) share its
+        span. A word spelled as [UNK] spans the whole word. Spans never include whitespace
+        and never decrease."""
+        # NFC here, with each composed character's span of `text`, rather than in the
+        # normaliser: the `tokenizers` library aligns a composed character with the first
+        # character it came from only, and loses track when NFD follows (accent stripping).
+        composed, char_start, char_end = _nfc_alignment(text)
+        e = self._tokenizer.encode(composed, add_special_tokens=False)
         ids = np.asarray(e.ids, dtype=np.int32)
-        spans = np.asarray(e.offsets, dtype=np.int32).reshape(-1, 2)
-        start = np.maximum.accumulate(spans[:, 0]) if len(ids) else spans[:, 0]
-        stop = np.maximum(spans[:, 1], start)
+        spans = np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2)
+        first = char_start[np.minimum(spans[:, 0], len(composed))]
+        last = char_end[np.maximum(spans[:, 1] - 1, 0)] if len(composed) else first
+        start = np.maximum.accumulate(first) if len(ids) else first
+        stop = np.maximum(np.where(spans[:, 1] > spans[:, 0], last, first), start)
+        if len(ids) and not text.isascii():
+            _cover_composed(text, start, stop)
         return ids, start.astype(np.int32), stop.astype(np.int32)
 
     def decode(self, ids) -> str:
@@ -545,6 +570,74 @@ class WordPieceTokenizer:
         if len(starts):
             starts[0] = True
         return starts
+
+
+def _nfc_alignment(text: str) -> tuple[str, np.ndarray, np.ndarray]:
+    """(NFC of `text`, per character of it the [start, end) in `text` it came from), the
+    last two int64 with one extra entry (len(text)) after the end.
+
+    The text is cut before every character that cannot join the one before it (anything
+    but a combining mark or a Hangul vowel/final jamo); each piece is normalised alone. A
+    piece NFC leaves as it is maps character to character; the characters of a piece it
+    changes all map to the whole piece."""
+    n = len(text)
+    if unicodedata.is_normalized("NFC", text):
+        index = np.arange(n + 1, dtype=np.int64)
+        return text, index, np.append(index[1:], n)
+    cuts = [i for i in range(n) if i == 0 or not _composes_backward(text[i])] + [n]
+    out, starts, ends = [], [], []
+    for a, b in itertools.pairwise(cuts):
+        piece = text[a:b]
+        normal = unicodedata.normalize("NFC", piece)
+        out.append(normal)
+        if normal == piece:
+            starts += range(a, b)
+            ends += range(a + 1, b + 1)
+        else:
+            starts += [a] * len(normal)
+            ends += [b] * len(normal)
+    composed = "".join(out)
+    if composed != unicodedata.normalize("NFC", text):  # a composition across a cut
+        composed = unicodedata.normalize("NFC", text)
+        starts, ends = [0] * len(composed), [n] * len(composed)
+    return (
+        composed,
+        np.asarray(starts + [n], dtype=np.int64),
+        np.asarray(ends + [n], dtype=np.int64),
+    )
+
+
+def _composes_backward(c: str) -> bool:
+    """Whether NFC can fold `c` into the character before it: a combining mark, or a Hangul
+    medial vowel or final consonant jamo (U+1160-U+11FF, U+D7B0-U+D7FF)."""
+    return (
+        unicodedata.category(c).startswith("M")
+        or "\u1160" <= c <= "\u11ff"
+        or "\ud7b0" <= c <= "\ud7ff"
+    )
+
+
+def _cover_composed(text: str, start: np.ndarray, stop: np.ndarray) -> None:
+    """Widens, in place, each span [start, stop) over the characters NFC folded into its
+    last character: the `tokenizers` library aligns a composed character ("é" from "e" +
+    U+0301, a Hangul syllable from 2-3 jamo) with the first character it came from only."""
+    for i in range(len(start)):
+        limit = int(start[i + 1]) if i + 1 < len(start) else len(text)
+        end = int(stop[i])
+        if end <= start[i]:
+            continue  # an empty span (a piece that got no character of its own) stays empty
+        while end < limit:
+            j = end  # format/control characters that clean-up removes may sit in between
+            while j < limit and _removed_by_cleanup(text[j]):
+                j += 1
+            if j == limit or not _composes_backward(text[j]):
+                break
+            end = j + 1
+        stop[i] = end
+
+
+def _removed_by_cleanup(c: str) -> bool:
+    return not c.isspace() and unicodedata.category(c) in ("Cc", "Cf")
 
 
 def is_wordpiece_vocab(path: str | os.PathLike) -> bool:

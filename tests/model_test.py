@@ -189,3 +189,131 @@ def dataclasses_frozen_error():
     import dataclasses
 
     return dataclasses.FrozenInstanceError
+
+
+def _without(params, heads):
+    """A pre-training tree with `heads` ('pooler', 'mlm', 'nsp') taken out."""
+    out = {k: v for k, v in params.items() if not ("nsp" in heads and k == "nsp")}
+    if "mlm" in heads:
+        out = {k: v for k, v in out.items() if not k.startswith("mlm_")}
+    if "pooler" in heads:
+        out["bert"] = {k: v for k, v in out["bert"].items() if k != "pooler"}
+    return out
+
+
+@pytest.mark.parametrize(
+    "kept",
+    [("pooler", "mlm", "nsp"), ("mlm",), ("pooler", "mlm"), ("pooler",), ()],
+    ids=["pretraining", "masked-lm", "masked-lm+pooler", "encoder+pooler", "encoder"],
+)
+def test_every_head_combination_runs(kept):
+    """A tree with only some heads (as a converted BertForMaskedLM or BertModel has): every
+    method that does not need a missing head gives the full model's numbers; one that does
+    names the missing head instead of Flax's ScopeParamNotFoundError."""
+    batch = _inputs()
+    full = _init(BertForPreTraining(CFG), batch)
+    params = _without(full, {"pooler", "mlm", "nsp"} - set(kept))
+    from flaxbert.model import heads_of
+
+    assert heads_of(params) == kept
+    variables = {"params": params}
+    args = (batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    expected = BertForPreTraining(CFG).apply({"params": full}, **batch)
+    expected_all = BertForPreTraining(CFG).apply(
+        {"params": full}, *args, method=BertForPreTraining.all_position_mlm_logits
+    )
+
+    # The default model (all heads) runs what the parameters allow.
+    if "mlm" in kept:
+        logits = BertForPreTraining(CFG).apply(
+            variables, *args, method=BertForPreTraining.all_position_mlm_logits
+        )
+        np.testing.assert_array_equal(np.asarray(logits), np.asarray(expected_all))
+    else:
+        with pytest.raises(ValueError, match="no mlm head.*for_params"):
+            BertForPreTraining(CFG).apply(
+                variables, *args, method=BertForPreTraining.all_position_mlm_logits
+            )
+    if kept != ("pooler", "mlm", "nsp"):
+        missing = [h for h in ("pooler", "mlm", "nsp") if h not in kept]
+        with pytest.raises(ValueError, match=f"no {' / '.join(missing)} head.*for_params"):
+            BertForPreTraining(CFG).apply(variables, **batch)
+
+    # The model that fits the parameters gives the heads it has, and None for the others.
+    model = BertForPreTraining.for_params(CFG, params)
+    out = model.apply(variables, **batch)
+    if "mlm" in kept:
+        np.testing.assert_array_equal(
+            np.asarray(out.mlm_logits_BPV), np.asarray(expected.mlm_logits_BPV)
+        )
+    else:
+        assert out.mlm_logits_BPV is None
+        with pytest.raises(ValueError, match="no MLM head"):
+            model.apply(variables, *args, method=BertForPreTraining.all_position_mlm_logits)
+    if "nsp" in kept:
+        np.testing.assert_array_equal(
+            np.asarray(out.nsp_logits_B2), np.asarray(expected.nsp_logits_B2)
+        )
+    else:
+        assert out.nsp_logits_B2 is None
+    # And it initialises to the same tree layout.
+    fresh = _init(model, batch)
+    assert jax.tree.structure(fresh) == jax.tree.structure(params)
+
+    # The encoder: with its pooler when present, without it always.
+    enc = BertModel(CFG, add_pooler="pooler" in kept).apply({"params": params["bert"]}, *args)
+    np.testing.assert_array_equal(
+        np.asarray(enc.sequence_BLD),
+        np.asarray(BertModel(CFG).apply({"params": full["bert"]}, *args).sequence_BLD),
+    )
+    assert (enc.pooled_BD is not None) == ("pooler" in kept)
+    no_pool = BertModel(CFG).apply({"params": params["bert"]}, *args, pool=False)
+    assert no_pool.pooled_BD is None
+
+
+def test_nsp_without_pooler_is_refused():
+    with pytest.raises(ValueError, match="NSP head reads the pooled"):
+        _init(BertForPreTraining(CFG, add_pooler=False), _inputs())
+
+
+def test_inputs_beyond_the_tables_are_refused():
+    """An input longer than max_position_embeddings (64) is refused while tracing (jit or
+    not), naming both lengths; out-of-table ids in concrete arrays are refused naming the
+    table, instead of the NaN that reading past a table gives."""
+    cfg = BertConfig(**{**CFG.__dict__, "max_position_embeddings": 16})
+    batch = _inputs(b=2, length=16)
+    params = _init(BertModel(cfg), {k: v for k, v in batch.items() if k != "masked_lm_positions"})
+    model = BertModel(cfg)
+    ok = model.apply(
+        {"params": params}, batch["input_ids"], batch["input_mask"], batch["segment_ids"]
+    )
+    assert np.isfinite(np.asarray(ok.sequence_BLD)).all()
+
+    long_ids = jnp.ones((2, 17), jnp.int32)
+    run = lambda ids, mask, seg: model.apply({"params": params}, ids, mask, seg)  # noqa: E731
+    for call in (run, jax.jit(run)):
+        with pytest.raises(
+            ValueError, match=r"input length 17 exceeds .*max_position_embeddings=16"
+        ):
+            call(long_ids, long_ids, long_ids * 0)
+    with pytest.raises(ValueError, match=r"input length 17 exceeds .*=16"):
+        BertForPreTraining(cfg).apply(
+            {"params": _init(BertForPreTraining(cfg), batch)},
+            long_ids,
+            long_ids,
+            long_ids * 0,
+            method=BertForPreTraining.all_position_mlm_logits,
+        )
+
+    ids, mask, seg = batch["input_ids"], batch["input_mask"], batch["segment_ids"]
+    with pytest.raises(ValueError, match=r"position_ids holds ids from 3 to 18 .* 16 rows"):
+        model.apply({"params": params}, ids, mask, seg, jnp.arange(3, 19)[None].repeat(2, 0))
+    with pytest.raises(ValueError, match=r"position_ids has shape \(2, 8\) but input_ids has"):
+        model.apply({"params": params}, ids, mask, seg, jnp.zeros((2, 8), jnp.int32))
+    with pytest.raises(ValueError, match=r"input_ids holds ids from 0 to 97 .*vocab_size=97"):
+        model.apply({"params": params}, ids.at[0, 0].set(97), mask, seg)
+    with pytest.raises(ValueError, match=r"segment_ids holds ids from -1 to 1 .*type_vocab_size"):
+        model.apply({"params": params}, ids, mask, seg.at[1, 3].set(-1))
+    # The largest position the table holds is fine.
+    out = model.apply({"params": params}, ids, mask, seg, jnp.full((2, 16), 15, jnp.int32))
+    assert np.isfinite(np.asarray(out.sequence_BLD)).all()
