@@ -243,7 +243,7 @@ def load_sweep(
     raw = get_points(path, arg)
     names = point_names(raw)
     launcher = list(launcher or [sys.executable, "-m", "flaxbert.cli"])
-    points = []
+    points, point_configs = [], []
     for name, p in zip(names, raw, strict=True):
         config_arg = str(p.get(CONFIG_ARG, arg))
         own = {k: v for k, v in p.items() if k != CONFIG_ARG}
@@ -252,6 +252,7 @@ def load_sweep(
             config = load_config(point_spec, [*overrides, *override_args(own)])
         except ConfigError as e:
             raise ConfigError(f"sweep point {name!r}: {e}") from None
+        point_configs.append(config)
         cmd = command or ("finetune" if "task" in config else "pretrain")
         finetuning = "main_metric" in config
         sub = os.path.join(workdir, name)
@@ -268,7 +269,29 @@ def load_sweep(
                 main_metric=f"eval/{config.main_metric}" if finetuning else "eval/loss",
             )
         )
+    check_init_from(points, point_configs)
     return Sweep(spec, workdir, tuple(overrides), points, swept_keys(raw))
+
+
+def check_init_from(points: Sequence[Point], configs: Sequence) -> None:
+    """Every point's `init_from` names a readable checkpoint, before any point runs (else
+    each one would fail on its own, after its start-up)."""
+    checked: set[str] = set()
+    for point, config in zip(points, configs, strict=True):
+        init_from = config.get("init_from", "") or ""
+        if not init_from or init_from in checked:
+            continue
+        from flaxbert.checkpoint import read_meta  # JAX and orbax: only when needed
+
+        try:
+            read_meta(init_from)
+        except (ConfigError, OSError) as e:
+            raise ConfigError(
+                f"sweep point {point.name!r}: config key init_from={init_from!r} is no "
+                f"checkpoint ({e}); give a pre-training workdir, its checkpoints/ directory or "
+                "one checkpoints/STEP directory"
+            ) from None
+        checked.add(init_from)
 
 
 def write_sweep_json(sweep: Sweep) -> str:
@@ -602,6 +625,18 @@ def add_sweep_parsers(commands) -> None:
     p.set_defaults(func=run_summary_command)
 
 
+METRIC_PREFIXES = ("eval/", "test/", "best/eval/", "best/test/")
+
+
+def check_metric_name(metric: str) -> None:
+    """A plot metric must be a summary.csv metric column: refused before anything runs."""
+    if not (metric.startswith(METRIC_PREFIXES) or metric == "wall_time_s"):
+        raise ConfigError(
+            f"--metric {metric!r} is not a summary.csv metric column: give eval/NAME, "
+            "test/NAME, best/eval/NAME or wall_time_s, e.g. eval/accuracy or eval/loss"
+        )
+
+
 def run_sweep_command(args: argparse.Namespace) -> int:
     overrides = getattr(args, "config_overrides", [])
     try:
@@ -616,6 +651,8 @@ def run_sweep_command(args: argparse.Namespace) -> int:
             print(f"  sbatch {path}")
             print(f"then, when the tasks are done: flaxbert sweep-summary {args.workdir}")
             return 0
+        if args.metric:
+            check_metric_name(args.metric)
         return run_sweep(sweep, args.parallel, metric=args.metric)
     except (ConfigError, ValueError) as e:
         print(f"flaxbert sweep: error: {e}", file=sys.stderr)

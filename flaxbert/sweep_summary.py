@@ -159,6 +159,11 @@ def summarise(sweep_dir: str, metric: str | None = None) -> Summary:
     if grouped:
         stats = list(dict.fromkeys(k for g in grouped for k in g if k not in grouped_columns))
         grouped_columns += stats
+    if metric and metric not in columns:  # the default may be missing while points run
+        known = ", ".join(metric_columns(rows)) or "none yet: no point has finished"
+        raise ConfigError(
+            f"--metric {metric!r}: no point of {sweep_dir} has it; its metric columns are {known}"
+        )
     metric = metric or meta["points"][0]["main_metric"]
     return Summary(rows, columns, grouped, grouped_columns, swept, metric)
 

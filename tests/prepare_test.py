@@ -373,3 +373,27 @@ def test_real_corpus_slice(name, tmp_path, sp_model):
     assert len(got) == sum(1 for d in want if d)
     first = min(got)
     _assert_same_documents(got[first], want[first])
+
+
+def test_split_sized_for_next_sentence_pairs(tmp_path, sp_model, capfd):
+    corpus = _write_corpus(tmp_path / "thirty.txt", 30)
+    prepared = prepare(
+        corpus,
+        sp_model,
+        str(tmp_path / "out"),
+        validation_fraction=1e-9,
+        num_workers=1,
+        min_split_documents=2,
+    )
+    assert (len(prepared.train), len(prepared.validation)) == (28, 2)
+    printed = "".join(capfd.readouterr())
+    assert "Downloading and preparing" not in printed and "downloaded and prepared" not in printed
+    with pytest.raises(PrepareError, match=r"holds 3 document.*at least 4 in all"):
+        prepare(
+            _write_corpus(tmp_path / "three.txt", 3),
+            sp_model,
+            str(tmp_path / "three"),
+            num_workers=1,
+            min_split_documents=2,
+        )
+    assert not (tmp_path / "three").exists()  # nothing half-made left behind
