@@ -152,7 +152,14 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     if "corpus" in extra:
         # Real text: the tokenizer is trained and the corpus prepared on first use, cached in
         # runs/cache so that every run on the same corpus shares them.
-        c.data.corpus = CORPORA.get(extra["corpus"], extra["corpus"])
+        name = extra["corpus"]
+        if name not in CORPORA and not os.path.exists(name) and not set("/.*:") & set(name):
+            raise ValueError(
+                f"corpus={name!r} is neither a shared corpus name ({', '.join(CORPORA)}) nor an "
+                "existing path; give corpus=ko, corpus=en or corpus=PATH (a text file, a glob, "
+                "a .jsonl file, tfds:NAME or a prepared directory)"
+            )
+        c.data.corpus = CORPORA.get(name, name)
         c.data.cache_dir = "runs/cache"
         c.model.vocab_size = c.data.vocab_size
         if extra["corpus"] == "en":  # 39 books: hold out 4 of them

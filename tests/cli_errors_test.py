@@ -133,7 +133,7 @@ CASES = [
     (
         "pretrain-unknown-corpus-name",
         _pretrain(config=PRETRAIN + ",corpus=no_such_corpus_name"),
-        "no_such_corpus_name",
+        "'no_such_corpus_name' is neither a shared corpus name (ko, en)",
     ),
     (
         "pretrain-too-few-documents",

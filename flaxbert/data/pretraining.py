@@ -17,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from flaxbert.config import ConfigError
+from flaxbert.data.text import CorpusError
 from flaxbert.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
 
 Document = Sequence[np.ndarray]  # sentences, each an int32 array of token ids
@@ -35,7 +37,7 @@ class InstanceConfig:
 
     def __post_init__(self):
         def bad(key, why):
-            raise ValueError(f"config key data.{key}={getattr(self, key)!r}: {why}")
+            raise ConfigError(f"config key data.{key}={getattr(self, key)!r}: {why}")
 
         if self.max_seq_length < 8:
             bad("max_seq_length", "must be at least 8")
@@ -140,9 +142,10 @@ class PretrainingBatches:
     than A's, whatever the corpus's shape; `split` names the corpus in errors.
 
     Raises:
-      ValueError: a batch the processes cannot split evenly, a corpus (or split) with fewer
-        than 2 non-empty documents (B could not come from another document), or a bad
-        masking/packing option (naming its `data.*` config key).
+      ValueError: a batch the processes cannot split evenly.
+      CorpusError: a corpus (or split) with fewer than 2 non-empty documents (B could not
+        come from another document).
+      ConfigError: a bad masking/packing option, naming its `data.*` config key.
     """
 
     def __init__(
@@ -170,10 +173,10 @@ class PretrainingBatches:
             documents if isinstance(documents, FlatCorpus) else FlatCorpus.from_documents(documents)
         )
         if corpus.num_sentences == 0:
-            raise ValueError("the corpus holds no sentences: nothing to pre-train on")
+            raise CorpusError(f"the {split} holds no sentences: nothing to pre-train on")
         nonempty = int(np.count_nonzero(np.diff(corpus.doc_starts)))
         if nonempty < 2:
-            raise ValueError(
+            raise CorpusError(
                 f"the {split} holds {nonempty} non-empty document(s): next-sentence pairs "
                 'need at least 2, because a "random next" segment B must come from a '
                 "document other than A's. Give a corpus with more documents (a blank line "
@@ -182,16 +185,16 @@ class PretrainingBatches:
         if whole_word_masking and word_start is None:
             raise ValueError("whole-word masking needs the tokenizer's word_start table")
         if masking not in ("dynamic", "static"):
-            raise ValueError(f"config key data.masking={masking!r}: choose dynamic or static")
+            raise ConfigError(f"config key data.masking={masking!r}: choose dynamic or static")
         if dupe_factor < 1:
-            raise ValueError(f"config key data.dupe_factor={dupe_factor!r}: must be >= 1")
+            raise ConfigError(f"config key data.dupe_factor={dupe_factor!r}: must be >= 1")
         if packing and masking != "dynamic":
-            raise ValueError(
+            raise ConfigError(
                 "config key data.packing=True needs data.masking=dynamic (static masking fixes "
                 "each instance's length, so rows cannot be filled to the brim)"
             )
         if packing and max_pairs_per_row < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"config key data.max_pairs_per_row={max_pairs_per_row!r}: must be >= 1"
             )
         self.corpus = corpus
