@@ -52,7 +52,7 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.task = task
     c.kind = preset["kind"]  # classification | regression | token_classification | qa
     c.metrics = preset["metrics"]  # a flaxbert.metrics.TASK_METRICS set, or squad
-    c.main_metric = preset["main_metric"]  # picks the best checkpoint (higher is better)
+    c.main_metric = preset["main_metric"]  # picks the best checkpoint (checkpoint.best_mode)
     # A pre-training workdir, its checkpoints/ dir or one checkpoints/STEP dir; '' = random init.
     c.init_from = ""
     c.init_pooler = True  # also restore the pre-trained pooler (used by [CLS] heads)
@@ -103,6 +103,7 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.train.num_epochs = 3.0
     c.train.num_steps = 0  # 0 = num_epochs over the training set
     c.train.batch_size = 32
+    c.train.grad_accum_steps = 1  # micro-batches per update; batch_size must divide by it
     c.train.learning_rate = 1e-4 if variant in ("tiny", "mini") else 3e-5
     c.train.warmup_fraction = 0.1
     c.train.lr_decay = "linear"
@@ -132,6 +133,8 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.keep = 1  # the latest, plus the best by main_metric
+    # max | min: which end of main_metric is best; '' = min for a loss or error, else max.
+    c.checkpoint.best_mode = ""
     c.checkpoint.async_save = True
     c.checkpoint.dir = ""
     c.lock()

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from flaxbert import checkpoint as ckpt
+from flaxbert import metrics as metrics_lib
 from flaxbert.config import ConfigError, require
 from flaxbert.data import tasks
 from flaxbert.data.pretraining import prefetch
@@ -36,10 +37,16 @@ from flaxbert.tokenizer import load_tokenizer
 from flaxbert.train import (
     PreemptionWatch,
     TrainState,
+    _nonfinite_counts,
     _nonfinite_message,
+    accumulated_gradients,
+    applied_learning_rate,
+    check_consecutive_nonfinite,
     logical_dims,
     make_optimizer,
+    read_final_metrics,
     skipped_updates,
+    validate_loop_config,
     write_run_config,
 )
 
@@ -77,6 +84,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
         "the vocab.txt of a converted checkpoint (flaxbert convert), or set "
         "init_from=PRETRAINING_WORKDIR to use its encoder and tokenizer",
     )
+    require(os.path.isfile(own), "data.tokenizer", own, "no such file")
     return own
 
 
@@ -159,10 +167,16 @@ def apply_task_model(model, params, batch, deterministic: bool, rng=None):
     )
 
 
-def make_finetune_step(model, kind, tx, schedule, axis_name: str | None = None):
+def make_finetune_step(
+    model, kind, tx, schedule, axis_name: str | None = None, grad_accum_steps: int = 1
+):
     """`train_step(state, batch, rng) -> (state, metrics)` for any kind: the loss is the
-    kind's summed loss over the global count (examples or labelled tokens), so pmap and pjit
-    give the single-device numbers."""
+    kind's summed loss over the global count (examples or labelled tokens) of the whole batch,
+    so pmap and pjit give the single-device numbers and `grad_accum_steps` micro-batches
+    (`flaxbert.train.accumulated_gradients`) the whole batch's gradient.
+
+    `learning_rate` in the metrics is the one the update applied (the schedule follows
+    applied updates: `flaxbert.train.applied_updates`)."""
 
     def global_sum(x):
         return x if axis_name is None else jax.lax.psum(x, axis_name)
@@ -171,20 +185,21 @@ def make_finetune_step(model, kind, tx, schedule, axis_name: str | None = None):
         rng = jax.random.fold_in(rng, state.step)
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        denominator = jnp.maximum(global_sum(kind.count(batch).astype(jnp.float32)), 1.0)
 
-        def loss_fn(params):
-            outputs = apply_task_model(model, params, batch, deterministic=False, rng=rng)
-            sums = kind.loss_sums(outputs, batch)
-            denominator = jnp.maximum(global_sum(jax.lax.stop_gradient(sums["count"])), 1.0)
+        def loss_fn(params, micro, micro_rng):
+            outputs = apply_task_model(model, params, micro, deterministic=False, rng=micro_rng)
+            sums = kind.loss_sums(outputs, micro)
             return sums["loss_sum"] / denominator, sums
 
-        grads, sums = jax.grad(loss_fn, has_aux=True)(state.params)
+        grad_fn = jax.grad(loss_fn, has_aux=True)
+        grads, sums = accumulated_gradients(grad_fn, state.params, batch, rng, grad_accum_steps)
         grads, sums = global_sum((grads, sums))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
             "loss": sums["loss_sum"] / jnp.maximum(sums["count"], 1.0),
-            "learning_rate": schedule(state.step),
+            "learning_rate": applied_learning_rate(schedule, state.opt_state),
             "grad_norm": optax.tree.norm(grads),
             "skipped_updates": skipped_updates(opt_state),
         }
@@ -220,6 +235,7 @@ def finetune(
         d.max_seq_length,
         f"exceeds model.max_position_embeddings={model_config.max_position_embeddings}",
     )
+    validate_finetune_train_config(config)
     is_chief = jax.process_index() == 0
     config_dict = write_run_config(config, workdir)
     tokenizer_ref = ckpt.keep_tokenizer(workdir, tokenizer_path)
@@ -280,7 +296,7 @@ def finetune(
     eval_every = config.eval.every_steps or steps_per_epoch
     dims = {**logical_dims(model_config), "classes": max(kind.num_labels, 2)}
     parallel = parallel or make_parallel(
-        config.parallel, dims, t.batch_size, config.eval.batch_size
+        config.parallel, dims, t.batch_size, config.eval.batch_size, t.grad_accum_steps
     )
     log.info("parallel: %s", parallel.description)
     schedule, tx = make_optimizer(_optimizer_config(t, num_steps))
@@ -302,11 +318,12 @@ def finetune(
 
     c = config.checkpoint
     main = f"eval/{config.main_metric}"
+    best_mode = c.best_mode or metrics_lib.better_direction(main)
     checkpoints = ckpt.Checkpoints(
         ckpt.checkpoint_directory(workdir, c),
         keep=c.keep,
         best_metric=main,
-        best_mode="max",
+        best_mode=best_mode,
         async_save=c.async_save,
     )
     rng = jax.random.key(t.seed)
@@ -314,11 +331,23 @@ def finetune(
     target = parallel.checkpoint_abstract(abstract)
     restored = checkpoints.restore_latest(target.params, target.opt_state)
     restored_groups: list[str] = []
+    # What the run reports at its end comes back with a resume: the best evaluation so far
+    # (its predictions are in best_eval_predictions.jsonl), the last one, the counters.
+    best, last_eval, counts = {}, {}, NonfiniteCounts()
     if restored is not None:
         start_step = restored.step
         dropout_rng = ckpt.rng_from_json(restored.meta["rng"])
         state = _placed(parallel, abstract, restored)
-        log.info("resuming fine-tuning from %s", checkpoints.step_dir(start_step))
+        best = dict(restored.meta.get("best") or {})
+        last_eval = dict(restored.meta.get("last_eval") or {})
+        counts = NonfiniteCounts(*_nonfinite_counts(restored.opt_state))
+        log.info(
+            "resuming fine-tuning from %s (best %s so far: %s at step %s)",
+            checkpoints.step_dir(start_step),
+            main,
+            best.get(main, "none"),
+            best.get("step", "-"),
+        )
     else:
         start_step = 0
         state = parallel.create_state(init_fn, logical_specs, parallel.put_replicated(init_rng))
@@ -332,7 +361,8 @@ def finetune(
     dropout_rng = parallel.put_replicated(dropout_rng)
 
     step_fn = parallel.train_step(
-        make_finetune_step(model, kind, tx, schedule, parallel.axis_name), state
+        make_finetune_step(model, kind, tx, schedule, parallel.axis_name, t.grad_accum_steps),
+        state,
     )
 
     def predict(params, batch):
@@ -382,7 +412,7 @@ def finetune(
         steps_per_epoch,
         t.batch_size,
     )
-    interval, last_eval, best = [], {}, {}
+    interval = []
     interval_start = time.perf_counter()
     train_time, trained_examples, interval_examples = 0.0, 0, 0
     preemption = PreemptionWatch()
@@ -390,13 +420,18 @@ def finetune(
     best_file = os.path.join(workdir, "best_eval_predictions.jsonl")
     batches = None
     preempted = False
-    finished_before = start_step >= num_steps
-    if finished_before:
+    # A finished run re-run does nothing; one preempted at its last step only writes
+    # final_metrics.json, which it had not.
+    finished_before = start_step >= num_steps and bool(read_final_metrics(workdir))
+    if start_step >= num_steps:
         log.info(
             "the checkpoint is at step %d, the run has %d steps: already finished, nothing to "
-            "train (final_metrics.json is left as it is)",
+            "train (%s)",
             start_step,
             num_steps,
+            "final_metrics.json is left as it is"
+            if finished_before
+            else "writing final_metrics.json, which its preempted last step had not",
         )
     try:
         pending = None
@@ -419,12 +454,12 @@ def finetune(
             state, metrics = step_fn(state, batch, dropout_rng)
             interval_examples += examples
             if pending is not None:
-                _finish(pending, parallel, t, interval)
+                _finish(pending, parallel, t, interval, counts)
             pending = (step, metrics)
             at_eval = step == num_steps or step % eval_every == 0
             preempted = preemption.reached(step)
             if at_eval or preempted or step % t.log_every == 0:
-                _finish(pending, parallel, t, interval)
+                _finish(pending, parallel, t, interval, counts)
                 pending = None
                 jax.block_until_ready(state.step)
             if step > start_step + 1:  # the first step compiles
@@ -442,7 +477,15 @@ def finetune(
             if at_eval:
                 eval_start = time.perf_counter()
                 last_eval, rows = evaluate(state.params, eval_f, "eval")
+                if main not in last_eval:
+                    raise ConfigError(
+                        f"config key main_metric={config.main_metric!r} is not among the "
+                        f"metrics this task reports ({', '.join(k[5:] for k in last_eval)})"
+                    )
                 writer.write(step, last_eval)
+                improved = not best or _better(last_eval[main], best[main], best_mode)
+                if improved:
+                    best = {**last_eval, "step": step}
                 if is_chief:
                     log.info(
                         "eval at step %d (epoch %.2f): %s",
@@ -451,8 +494,7 @@ def finetune(
                         ", ".join(f"{k[5:]} {v:.4f}" for k, v in last_eval.items()),
                     )
                     _write_jsonl(os.path.join(workdir, "eval_predictions.jsonl"), rows)
-                    if not best or last_eval[main] > best[main]:
-                        best = {**last_eval, "step": step}
+                    if improved:
                         _write_jsonl(best_file, rows)
                 interval_start += time.perf_counter() - eval_start
             if at_eval or preempted:
@@ -467,6 +509,9 @@ def finetune(
                     "model": dataclasses.asdict(model_config),
                     "task": config.task,
                     "labels": labels,
+                    "best": best,  # so that a resumed run still knows its best evaluation
+                    "last_eval": last_eval,
+                    "skipped_updates": counts.skipped,
                 }
                 checkpoints.save(
                     step, view.params, view.opt_state, meta, last_eval if at_eval else None
@@ -475,7 +520,7 @@ def finetune(
                 log.warning("SIGTERM received: saved step %d; stopping", step)
                 break
         if pending is not None:
-            _finish(pending, parallel, t, interval)
+            _finish(pending, parallel, t, interval, counts)
         checkpoints.wait()
         best_step = checkpoints.best_step() or step
         test_metrics = {}
@@ -507,6 +552,7 @@ def finetune(
                     "num_steps": num_steps,
                     **last_eval,
                     "best": best,
+                    "skipped_updates": counts.skipped,
                     "train_examples_per_sec": speed,
                     "wall_time_s": wall,
                 },
@@ -533,17 +579,44 @@ def finetune(
     )
 
 
-def _finish(pending, parallel, t, interval):
+def validate_finetune_train_config(config: ml_collections.ConfigDict) -> None:
+    """The train.* and checkpoint.* keys the loop reads, checked before any work starts."""
+    validate_loop_config(config.train)
+    mode = config.checkpoint.best_mode
+    require(
+        mode in ("", "max", "min"),
+        "checkpoint.best_mode",
+        mode,
+        "choose max, min, or '' (from main_metric: min for a loss or error, else max)",
+    )
+
+
+@dataclasses.dataclass
+class NonfiniteCounts:
+    """Updates skipped for a non-finite gradient: in all, and the last ones in a row."""
+
+    skipped: int = 0
+    in_a_row: int = 0
+
+
+def _better(value: float, best: float, mode: str) -> bool:
+    return value < best if mode == "min" else value > best
+
+
+def _finish(pending, parallel, t, interval, counts: NonfiniteCounts):
     step, device_metrics = pending
     metrics = parallel.fetch(device_metrics)
+    counts.skipped = int(metrics["skipped_updates"])
     problem = _nonfinite_message(step, metrics)
+    counts.in_a_row = counts.in_a_row + 1 if problem else 0
     if problem:
         if t.nonfinite == "stop":
             raise FloatingPointError(
                 f"{problem}; the update was not applied. Lower train.learning_rate or set "
                 "train.nonfinite=skip"
             )
-        log.warning("%s: update skipped (%d so far)", problem, int(metrics["skipped_updates"]))
+        log.warning("%s: update skipped (%d so far)", problem, counts.skipped)
+        check_consecutive_nonfinite(problem, counts.in_a_row, t.max_consecutive_nonfinite)
         return
     interval.append(metrics)
 

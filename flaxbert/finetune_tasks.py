@@ -128,6 +128,10 @@ class SequenceKind:
         )
         return Features(arrays, list(examples), truncated=truncated)
 
+    def count(self, batch):
+        """Examples the loss averages over (real rows; packed rows: real slots)."""
+        return jnp.sum(batch["weight"])
+
     def loss_sums(self, outputs, batch):
         # Packed rows: outputs (B, K, C) and labels / weights (B, K), a slot per pair.
         w = batch["weight"]
@@ -135,7 +139,7 @@ class SequenceKind:
             losses = jnp.square(outputs[..., 0] - batch["labels"])
         else:
             losses = optax.softmax_cross_entropy_with_integer_labels(outputs, batch["labels"])
-        return {"loss_sum": jnp.sum(losses * w), "count": jnp.sum(w)}
+        return {"loss_sum": jnp.sum(losses * w), "count": self.count(batch)}
 
     def predict(self, outputs):
         return outputs[:, 0] if self.regression else jnp.argmax(outputs, -1)
@@ -184,10 +188,17 @@ class TokenKind:
         arrays["weight"] = np.ones(len(examples), np.float32)
         return Features(arrays, list(examples), truncated=int(np.sum(np.asarray(dropped) > 0)))
 
+    @staticmethod
+    def _valid(batch):
+        return (batch["label_ids"] != IGNORE) & (batch["weight"][:, None] > 0)
+
+    def count(self, batch):
+        """Labelled tokens (first pieces of words) of real rows: what the loss averages over."""
+        return jnp.sum(self._valid(batch))
+
     def loss_sums(self, outputs, batch):
-        labels = batch["label_ids"]
-        valid = (labels != IGNORE) & (batch["weight"][:, None] > 0)
-        losses = _ce(outputs, labels, valid)
+        valid = self._valid(batch)
+        losses = _ce(outputs, batch["label_ids"], valid)
         return {"loss_sum": jnp.sum(losses), "count": jnp.sum(valid)}
 
     def predict(self, outputs):
@@ -246,6 +257,10 @@ class QAKind:
             weight=np.ones(len(f.input_ids), np.float32),
         )
         return Features(arrays, list(examples), info=f)
+
+    def count(self, batch):
+        """Windows of real rows: what the loss averages over."""
+        return jnp.sum(batch["weight"])
 
     def loss_sums(self, outputs, batch):
         start_logits, end_logits = outputs

@@ -18,6 +18,9 @@ behaviour:
   token F1. These are applied unchanged to any language (KorQuAD's script does the same apart
   from its tokenisation); no language-specific rules are added.
 
+Every score is on one scale, 0-1 (SQuAD exact match and F1 included, which the official
+script prints in percent); correlations and the Matthews coefficient span -1 to 1.
+
 `TASK_METRICS` maps the metric-set names used by task configs to functions
 `(predictions, labels) -> dict[str, float]`.
 """
@@ -324,7 +327,9 @@ def squad_f1(prediction: str, ground_truths: Sequence[str]) -> float:
 
 
 def squad_scores(predictions: Mapping[str, str], answers: Mapping[str, Sequence[str]]) -> dict:
-    """Exact match and F1 in percent (0-100), averaged over the questions in `answers`.
+    """Exact match and F1 as fractions (0-1, like every other metric here; the official
+    script prints percent: multiply by 100 to compare), averaged over the questions in
+    `answers`.
 
     A question without a prediction scores 0 on both, and how many there were is returned as
     `missing` (an int), as the official script warns about them; predictions for questions
@@ -341,7 +346,7 @@ def squad_scores(predictions: Mapping[str, str], answers: Mapping[str, Sequence[
         em_total += exact_match(predictions[qid], ground_truths)
         f1_total += squad_f1(predictions[qid], ground_truths)
     n = len(answers)
-    return {"exact_match": 100.0 * em_total / n, "f1": 100.0 * f1_total / n, "missing": missing}
+    return {"exact_match": em_total / n, "f1": f1_total / n, "missing": missing}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,6 +396,17 @@ def _entity_f1_set(
         "f1": scores["f1"],
         "accuracy": accuracy(flat_pred, flat_true),
     }
+
+
+_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse", "perplexity")
+
+
+def better_direction(name: str) -> str:
+    """'min' for a metric where lower is better (a name ending in loss, error, mse, mae, rmse
+    or perplexity, with or without an `eval/` prefix), else 'max' (accuracy, F1, correlations,
+    exact match: every metric of `TASK_METRICS` and `squad_scores`)."""
+    base = name.rsplit("/", 1)[-1].lower()
+    return "min" if base.endswith(_LOWER_IS_BETTER) else "max"
 
 
 TASK_METRICS: dict[str, Callable[[Any, Any], dict[str, float]]] = {

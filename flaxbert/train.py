@@ -126,6 +126,60 @@ def skipped_updates(opt_state) -> jax.Array:
     return opt_state.total_notfinite
 
 
+def nonfinite_in_a_row(opt_state) -> jax.Array:
+    """Non-finite updates dropped in a row up to now (0 after a finite one); kept in the
+    optimizer state, so `train.max_consecutive_nonfinite` counts across a resume."""
+    return opt_state.notfinite_count
+
+
+def applied_updates(opt_state) -> jax.Array:
+    """Updates applied so far: the count the learning-rate schedule reads (int32 scalar).
+
+    The schedule follows applied updates, not steps: `optax.apply_if_finite` leaves its inner
+    optimizer (and so this count) untouched on a skipped step, so the update after a skip
+    uses the learning rate the skipped one would have had. `learning_rate` in the step
+    metrics is `schedule(applied_updates(opt_state))` read before the update: the one applied.
+    """
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    found = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule) if is_schedule(s)]
+    if len(found) != 1:
+        raise ValueError(
+            f"expected one learning-rate schedule state in the optimizer, found {len(found)}"
+        )
+    return found[0].count
+
+
+def applied_learning_rate(schedule: optax.Schedule, opt_state) -> jax.Array:
+    """The learning rate the next update of `opt_state` applies (see `applied_updates`)."""
+    return schedule(applied_updates(opt_state))
+
+
+def accumulated_gradients(grad_fn, params, batch, rng, grad_accum_steps: int):
+    """Sums `grad_fn(params, micro_batch, micro_rng) -> (grads, sums)` over `grad_accum_steps`
+    micro-batches of `batch` (every leaf (B, ...), B divisible by the count). With losses
+    normalised by whole-batch denominators the sum is the whole batch's gradient.
+
+    Micro-batch i takes rows i, i+k, i+2k, ...: each is spread over the whole batch axis, so
+    under data parallelism every device keeps working on every micro-batch."""
+    k = grad_accum_steps
+    if k == 1:
+        return grad_fn(params, batch, rng)
+    micro_batches = jax.tree.map(
+        lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch
+    )
+
+    def accumulate(carry, inputs):
+        i, micro = inputs
+        out = grad_fn(params, micro, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, carry, out), None
+
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    shapes = jax.eval_shape(grad_fn, params, first, rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    out, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
+    return out
+
+
 # ------------------------------------------------------------------------------ model
 
 
@@ -230,33 +284,12 @@ def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: s
             return loss, sums
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
-        if k == 1:
-            grads, sums = grad_fn(state.params, batch, rng)
-        else:
-            # Micro-batch i takes rows i, i+k, i+2k, ...: each is spread over the whole batch
-            # axis, so under data parallelism every device keeps working on every micro-batch.
-            micro_batches = jax.tree.map(
-                lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1), batch
-            )
-
-            def accumulate(carry, inputs):
-                i, micro = inputs
-                grads, sums = grad_fn(state.params, micro, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-            zero_sums = jax.eval_shape(
-                lambda: pretraining_sums(
-                    model, state.params, jax.tree.map(lambda x: x[0], micro_batches), True
-                )
-            )
-            zeros = jax.tree.map(jnp.zeros_like, (state.params, zero_sums))
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), micro_batches))
-
+        grads, sums = accumulated_gradients(grad_fn, state.params, batch, rng, k)
         grads, sums = global_sum((grads, sums))
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = summarise(sums)
-        metrics["learning_rate"] = schedule(state.step)
+        metrics["learning_rate"] = applied_learning_rate(schedule, state.opt_state)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["param_norm"] = optax.tree.norm(params)
         metrics["skipped_updates"] = skipped_updates(opt_state)
@@ -409,15 +442,7 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
         raise ConfigError(str(e)) from None
     t, d = config.train, config.data
     require(t.num_steps > 0, "train.num_steps", t.num_steps, "must be positive")
-    require(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
-    require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
-    require(
-        t.batch_size % t.grad_accum_steps == 0,
-        "train.batch_size",
-        t.batch_size,
-        f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}",
-    )
-    require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    validate_loop_config(t)
     require(
         config.eval.every_steps >= 0,
         "eval.every_steps",
@@ -436,18 +461,6 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
         d.max_predictions_per_seq,
         "cannot exceed data.max_seq_length",
     )
-    require(
-        t.nonfinite in ("stop", "skip"),
-        "train.nonfinite",
-        t.nonfinite,
-        "choose stop (name the step and stop) or skip (drop the update and count it)",
-    )
-    require(
-        t.max_consecutive_nonfinite >= 1,
-        "train.max_consecutive_nonfinite",
-        t.max_consecutive_nonfinite,
-        "must be >= 1",
-    )
     if d.packing:
         require(
             d.max_pairs_per_row >= 1, "data.max_pairs_per_row", d.max_pairs_per_row, "must be >= 1"
@@ -461,6 +474,31 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
     validate_checkpoint_config(config.checkpoint, config.eval.every_steps)
     make_optimizer(t)  # names a bad optimizer or schedule now rather than later
     return model_config
+
+
+def validate_loop_config(t: ml_collections.ConfigDict) -> None:
+    """The train.* keys the loop reads in pre-training and fine-tuning alike."""
+    require(t.batch_size > 0, "train.batch_size", t.batch_size, "must be positive")
+    require(t.grad_accum_steps >= 1, "train.grad_accum_steps", t.grad_accum_steps, "must be >= 1")
+    require(
+        t.batch_size % t.grad_accum_steps == 0,
+        "train.batch_size",
+        t.batch_size,
+        f"must be divisible by train.grad_accum_steps={t.grad_accum_steps}",
+    )
+    require(t.log_every > 0, "train.log_every", t.log_every, "must be positive")
+    require(
+        t.nonfinite in ("stop", "skip"),
+        "train.nonfinite",
+        t.nonfinite,
+        "choose stop (name the step and stop) or skip (drop the update and count it)",
+    )
+    require(
+        t.max_consecutive_nonfinite >= 1,
+        "train.max_consecutive_nonfinite",
+        t.max_consecutive_nonfinite,
+        "must be >= 1",
+    )
 
 
 def instance_config(data: ml_collections.ConfigDict, vocab_size: int) -> InstanceConfig:
@@ -570,6 +608,72 @@ def _nonfinite_message(step: int, metrics: dict[str, float]) -> str | None:
     return f"non-finite {' and '.join(bad)} at step {step}" if bad else None
 
 
+def check_consecutive_nonfinite(problem: str, in_a_row: int, limit: int) -> None:
+    """Raises FloatingPointError once more than `limit` (train.max_consecutive_nonfinite)
+    updates in a row were skipped (train.nonfinite=skip)."""
+    if in_a_row > limit:
+        raise FloatingPointError(
+            f"{problem}: {in_a_row} non-finite steps in a row (more than "
+            f"train.max_consecutive_nonfinite={limit}); stopping. Lower train.learning_rate, "
+            "check the data, or use model.dtype=float32"
+        )
+
+
+def _nonfinite_counts(opt_state) -> tuple[int, int]:
+    """(skipped updates, of which the last ones in a row) of a restored optimizer state."""
+    return (
+        int(np.asarray(skipped_updates(opt_state))),
+        int(np.asarray(nonfinite_in_a_row(opt_state))),
+    )
+
+
+def read_final_metrics(workdir: str) -> dict:
+    """WORKDIR/final_metrics.json, or {} when it is absent or unreadable."""
+    try:
+        with open(os.path.join(workdir, "final_metrics.json"), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def finished_checkpoint(workdir: str, checkpoint_config, num_steps: int) -> str | None:
+    """The step directory of a run that has already finished: its latest checkpoint is at
+    `num_steps` or later and it wrote final_metrics.json (a run preempted at its last step
+    has not, and goes through the loop once more to write it). None otherwise."""
+    final = read_final_metrics(workdir)
+    directory = ckpt.checkpoint_directory(workdir, checkpoint_config)
+    if not final or not os.path.isdir(directory):
+        return None
+    try:
+        step_dir, meta = ckpt.read_meta(directory)
+    except ckpt.CheckpointNotFoundError:
+        return None
+    return step_dir if int(meta.get("step", -1)) >= num_steps else None
+
+
+def _already_finished(workdir: str, step_dir: str, num_steps: int) -> PretrainResult:
+    """A re-run of a finished pre-training: nothing is read, trained, evaluated or written."""
+    step = int(os.path.basename(step_dir))
+    log.info(
+        "the run is already finished: checkpoint %s is at step %d, train.num_steps=%d; nothing "
+        "to do (final_metrics.json is left as it is; raise train.num_steps to train on)",
+        step_dir,
+        step,
+        num_steps,
+    )
+    final = read_final_metrics(workdir)
+    return PretrainResult(
+        state=None,
+        train_metrics={},
+        eval_metrics={k: v for k, v in final.items() if k.startswith("eval/")},
+        wall_time=0.0,
+        start_step=step,
+        final_step=step,
+        skipped_updates=int(final.get("skipped_updates", 0)),
+        already_finished=True,
+    )
+
+
 class PreemptionWatch:
     """SIGTERM (a scheduler's preemption notice) -> save at the next step, then stop cleanly.
 
@@ -639,7 +743,7 @@ def state_from_checkpoint(setup: TrainingSetup, restored: ckpt.Restored) -> Trai
 
 @dataclasses.dataclass
 class PretrainResult:
-    state: TrainState
+    state: TrainState | None
     train_metrics: dict[str, float]  # means over the last logging interval
     eval_metrics: dict[str, float]  # the last evaluation, keys prefixed with eval/
     wall_time: float
@@ -647,6 +751,7 @@ class PretrainResult:
     final_step: int = 0
     preempted: bool = False  # stopped by SIGTERM after saving `final_step`
     skipped_updates: int = 0
+    already_finished: bool = False  # a re-run of a finished run: nothing done, `state` None
 
 
 def pretrain(
@@ -660,6 +765,9 @@ def pretrain(
     # Random bits independent of the sharding: the same dropout masks on any mesh.
     jax.config.update("jax_threefry_partitionable", True)
     model_config = validate_pretrain_config(config)
+    done = finished_checkpoint(workdir, config.checkpoint, config.train.num_steps)
+    if done is not None:
+        return _already_finished(workdir, done, config.train.num_steps)
     # A bad mesh or batch split stops the run before the data are read.
     parallel = parallel or parallel_from_config(config, model_config)
     d = config.data
@@ -746,7 +854,8 @@ def pretrain(
     interval_start, last_train, last_eval = time.perf_counter(), {}, {}
     # (step, device metrics, real tokens): fetched one step late so the host never stalls.
     pending = None
-    skipped = consecutive = 0
+    # Counters that a resumed run continues (they live in the optimizer state).
+    skipped, consecutive = (0, 0) if restored is None else _nonfinite_counts(restored.opt_state)
 
     def finish(step, device_metrics, real_tokens):
         nonlocal interval_start, last_train, skipped, consecutive
@@ -760,16 +869,11 @@ def pretrain(
                 "was saved. Lower train.learning_rate, check the data, use "
                 "model.dtype=float32, or set train.nonfinite=skip to skip such steps"
             )
+        consecutive = consecutive + 1 if problem else 0
         if problem:
-            consecutive += 1
             log.warning("%s: update skipped (%d skipped so far)", problem, skipped)
-            if consecutive > t.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{problem}: {consecutive} non-finite steps in a row (more than "
-                    f"train.max_consecutive_nonfinite={t.max_consecutive_nonfinite}); stopping"
-                )
+            check_consecutive_nonfinite(problem, consecutive, t.max_consecutive_nonfinite)
         else:
-            consecutive = 0
             interval.append(metrics)
         if interval and (step % t.log_every == 0 or step == t.num_steps):
             now = time.perf_counter()
@@ -866,9 +970,10 @@ def pretrain(
         if pending is not None:
             finish(*pending)
         if start_step >= t.num_steps:
+            # Preempted at its last step: final_metrics.json was never written.
             log.info(
-                "the checkpoint is at step %d, train.num_steps=%d: nothing to train (raise "
-                "train.num_steps to go on)",
+                "the checkpoint is at step %d, train.num_steps=%d: nothing to train; evaluating "
+                "to write final_metrics.json (raise train.num_steps to train on)",
                 start_step,
                 t.num_steps,
             )

@@ -301,10 +301,10 @@ def test_squad_scores_by_hand():
     # q2: EM 0; F1 vs "red cat": common {cat} -> P = 1/2, R = 1/2 -> 1/2
     #           F1 vs "cat":     common {cat} -> P = 1/2, R = 1   -> 2/3; max 2/3
     # q3: no prediction -> 0, 0; "unasked" is ignored
-    # EM = 100 * (1 + 0 + 0) / 3 = 100/3; F1 = 100 * (1 + 2/3 + 0) / 3 = 500/9
+    # On the 0-1 scale of every metric: EM = (1 + 0 + 0) / 3 = 1/3; F1 = (1 + 2/3 + 0) / 3 = 5/9
     scores = squad_scores(predictions, answers)
-    assert scores["exact_match"] == pytest.approx(100 / 3)
-    assert scores["f1"] == pytest.approx(500 / 9)
+    assert scores["exact_match"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(5 / 9)
     assert scores["missing"] == 1
     with pytest.raises(ValueError, match="answers is empty"):
         squad_scores({}, {})
