@@ -4,9 +4,14 @@ Import (`--from-hf DIR --workdir OUT`) reads a local HuggingFace BERT directory:
 `config.json`, the weights (`model.safetensors`, a sharded `model.safetensors.index.json`,
 or `flax_model.msgpack`) and the WordPiece `vocab.txt`. The weights may be a
 BertForPreTraining (`bert.*`, `cls.predictions.*`, `cls.seq_relationship.*`), a
-BertForMaskedLM (no NSP head) or a bare BertModel (the encoder only, names without `bert.`);
-safetensors hold PyTorch names and (out, in) kernels, msgpack Flax names and (in, out)
-kernels. OUT becomes a workdir like `flaxbert pretrain` leaves it: `checkpoints/0/`
+BertForMaskedLM (no pooler, no NSP head) or a bare BertModel (the encoder only, with or
+without its pooler, names without `bert.`); the model built on it
+(`flaxbert.model.BertForPreTraining.for_params`) has exactly those heads. A fine-tuned
+model's task head (`classifier.*` of a BertForSequenceClassification) is refused, naming its
+weights, unless `--drop-unknown` leaves it out. Safetensors hold PyTorch names and (out, in)
+kernels, msgpack Flax names and (in, out) kernels. The vocabulary is `vocab.txt`, or the
+SentencePiece `tokenizer.model` that an export of a SentencePiece checkpoint writes, so that
+every flaxbert export imports back. OUT becomes a workdir like `flaxbert pretrain` leaves it: `checkpoints/0/`
 (parameters and meta), `vocab.txt` and `tokenizer_config.json`, so that
 `flaxbert finetune --config.init_from=OUT` and `flaxbert extract-features --workdir OUT`
 take it as they take a pre-training run.
@@ -418,12 +423,26 @@ def _flaxbert_shapes(config) -> dict[tuple[str, ...], tuple[int, ...]]:
 class Mapped:
     rows: list[Row]  # the parameters present, and where each comes from
     heads: list[str]  # 'pooler', 'mlm', 'nsp' present
+    dropped: list[str] = dataclasses.field(default_factory=list)  # left out (drop_unknown)
 
 
-def map_hf_names(weights: Mapping[str, np.ndarray], num_layers: int, where: str) -> Mapped:
+def _in_encoder(name: str, prefix: str) -> bool:
+    """Whether a HuggingFace weight name lies inside the encoder (`bert.` or, for a bare
+    BertModel, its embeddings/encoder/pooler) rather than in a head beside it."""
+    if prefix:
+        return name.startswith(prefix)
+    return name.startswith(("embeddings.", "encoder.", "pooler."))
+
+
+def map_hf_names(
+    weights: Mapping[str, np.ndarray], num_layers: int, where: str, drop_unknown: bool = False
+) -> Mapped:
     """Which flaxbert parameter each HuggingFace weight becomes. A missing encoder weight,
     a head present in part, or a name that is neither a parameter flaxbert has nor a known
-    buffer or tied copy stops the import, listing them all."""
+    buffer or tied copy stops the import, listing them all; except that with `drop_unknown`
+    the weights of heads flaxbert does not import (outside the encoder, e.g. the
+    `classifier.*` of a BertForSequenceClassification) are left out, and listed in the log
+    and in `Mapped.dropped`. Raises ConversionError."""
     prefix = "bert." if any(n.startswith("bert.") for n in weights) else ""
     rows = _encoder_rows(num_layers, prefix)
     missing = [name for _, name, _ in rows if name not in weights]
@@ -443,6 +462,25 @@ def map_hf_names(weights: Mapping[str, np.ndarray], num_layers: int, where: str)
     if "mlm" in heads:
         known |= set(TIED_DECODER)
     unknown = sorted(n for n in weights if n not in known)
+    task_heads = [n for n in unknown if not _in_encoder(n, prefix)]
+    if not missing and unknown and unknown == task_heads:
+        if not drop_unknown:
+            raise ConversionError(
+                f"{where}: holds {len(unknown)} weight(s) of head(s) flaxbert does not import "
+                "(a fine-tuned model, e.g. BertForSequenceClassification or "
+                "BertForTokenClassification?):\n"
+                f"{_listed(unknown)}\n"
+                "flaxbert imports the encoder with the pooler, MLM and NSP heads. To import "
+                "the encoder without these weights, run again with --drop-unknown "
+                "(`flaxbert convert --from-hf DIR --workdir OUT --drop-unknown`; in Python "
+                "import_hf(..., drop_unknown=True)); fine-tuning then adds a fresh head."
+            )
+        log.warning(
+            "convert: --drop-unknown: left out %d weight(s) flaxbert does not import:\n%s",
+            len(unknown),
+            _listed(unknown),
+        )
+        return Mapped(rows, heads, dropped=unknown)
     if missing or unknown:
         parts = []
         if missing:
@@ -453,6 +491,11 @@ def map_hf_names(weights: Mapping[str, np.ndarray], num_layers: int, where: str)
             f"{where}: not a BERT with {num_layers} layers as config.json says "
             "(flaxbert imports BertForPreTraining, BertForMaskedLM or BertModel weights): "
             + "\n".join(parts)
+        )
+    if "nsp" in heads and "pooler" not in heads:
+        raise ConversionError(
+            f"{where}: has an NSP head (cls.seq_relationship.*) but no pooler "
+            f"({prefix}pooler.dense.*), which the NSP head reads; such a model cannot run"
         )
     return Mapped(rows, heads)
 
@@ -503,12 +546,17 @@ def special_ids(pieces: Sequence[str], where: str) -> list[int]:
 
 
 def hf_to_params(
-    weights: Mapping[str, np.ndarray], config, order: np.ndarray, where: str
-) -> tuple[dict, list[str]]:
+    weights: Mapping[str, np.ndarray],
+    config,
+    order: np.ndarray,
+    where: str,
+    drop_unknown: bool = False,
+) -> tuple[dict, Mapped]:
     """flaxbert's parameter tree (float32, vocabulary rows in `order`) from HuggingFace
-    weights in PyTorch names and layouts, and the heads present ('pooler', 'mlm', 'nsp')."""
+    weights in PyTorch names and layouts, and what was mapped (`Mapped.heads`: 'pooler',
+    'mlm', 'nsp' present; `Mapped.dropped`: see `map_hf_names`). Raises ConversionError."""
     weights = _canonical(weights)
-    mapped = map_hf_names(weights, config.num_layers, where)
+    mapped = map_hf_names(weights, config.num_layers, where, drop_unknown)
     prefix = "bert." if any(n.startswith("bert.") for n in weights) else ""
     _check_tied(weights, prefix, where)
     shapes = _flaxbert_shapes(config)
@@ -531,7 +579,7 @@ def hf_to_params(
         raise ConversionError(f"{where}: weights of the wrong shape:\n{_listed(bad)}")
     if cast:
         log.info("convert: %s weights cast to float32", ", ".join(sorted(cast)))
-    return params, mapped.heads
+    return params, mapped
 
 
 # ------------------------------------------------------------------------------ import
@@ -545,42 +593,85 @@ class ImportResult:
     heads: list[str]
     weights_file: str
     original_ids: dict[str, int]
-    casing: WordPieceCasing
+    casing: WordPieceCasing | None  # None for a SentencePiece tokenizer
+    tokenizer: str = "wordpiece"  # 'wordpiece' (vocab.txt) or 'sentencepiece' (tokenizer.model)
+    dropped: list[str] = dataclasses.field(default_factory=list)  # weights left out
 
 
-def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> ImportResult:
-    """Writes the HuggingFace BERT in `hf_dir` as a flaxbert workdir (see the module doc).
-    `lowercase` None follows `flaxbert.tokenizer.wordpiece_casing`."""
+def user_path(path: str | os.PathLike) -> str:
+    """A path as a user gives it (relative, with `~`, with a trailing slash) made absolute,
+    as orbax and the messages need it."""
+    return os.path.abspath(os.path.expanduser(os.fspath(path)))
+
+
+def _hf_tokenizer(hf_dir: str, vocab_size: int):
+    """(kind, path, pieces or None, original special ids) of the tokenizer in `hf_dir`: a
+    WordPiece vocab.txt, else the SentencePiece tokenizer.model that `convert --to-hf` writes
+    for a SentencePiece checkpoint (its special pieces already at flaxbert's ids 0-4)."""
+    vocab_path = os.path.join(hf_dir, WORDPIECE_VOCAB)
+    sp_path = os.path.join(hf_dir, SENTENCEPIECE_FILE)
+    if os.path.isfile(vocab_path):
+        pieces = read_vocab(vocab_path)
+        if len(pieces) != vocab_size:
+            raise ConversionError(
+                f"{vocab_path} has {len(pieces)} lines but {HF_CONFIG} says "
+                f"vocab_size={vocab_size}; they must agree"
+            )
+        return "wordpiece", vocab_path, pieces, special_ids(pieces, vocab_path)
+    if os.path.isfile(sp_path):
+        from flaxbert.tokenizer import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.load(sp_path)
+        except ValueError as e:
+            raise ConversionError(str(e)) from None
+        if tokenizer.vocab_size != vocab_size:
+            raise ConversionError(
+                f"{sp_path} has {tokenizer.vocab_size} pieces but {HF_CONFIG} says "
+                f"vocab_size={vocab_size}; they must agree"
+            )
+        return "sentencepiece", sp_path, None, list(range(len(SPECIAL_TOKENS)))
+    raise ConversionError(
+        f"{hf_dir}: no {WORDPIECE_VOCAB} (nor the {SENTENCEPIECE_FILE} a flaxbert export of "
+        "a SentencePiece checkpoint holds): flaxbert imports BERT with its vocabulary, needed "
+        "to fine-tune on text"
+    )
+
+
+def import_hf(
+    hf_dir: str,
+    workdir: str,
+    lowercase: bool | None = None,
+    drop_unknown: bool = False,
+) -> ImportResult:
+    """Writes the HuggingFace BERT in `hf_dir` as a flaxbert workdir `workdir` (see the
+    module doc); both paths may be relative or start with `~`. The vocabulary is a WordPiece
+    vocab.txt or, for a directory `export_hf` wrote from a SentencePiece checkpoint, its
+    tokenizer.model. `lowercase` None follows `flaxbert.tokenizer.wordpiece_casing` (WordPiece
+    only). `drop_unknown` leaves out the weights of heads flaxbert does not import (see
+    `map_hf_names`). Raises ConversionError saying what cannot be imported and why."""
     import jax
 
     from flaxbert import checkpoint as ckpt
 
-    hf_dir, workdir = os.path.abspath(hf_dir), os.path.abspath(workdir)
+    hf_dir, workdir = user_path(hf_dir), user_path(workdir)
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"--from-hf {hf_dir}: no such directory")
     hf_config = read_hf_config(hf_dir)
     config = bert_config_from_hf(hf_config, os.path.join(hf_dir, HF_CONFIG))
-    vocab_path = os.path.join(hf_dir, WORDPIECE_VOCAB)
-    if not os.path.isfile(vocab_path):
-        raise ConversionError(
-            f"{hf_dir}: no {WORDPIECE_VOCAB}: flaxbert imports BERT with its WordPiece "
-            "vocabulary, needed to fine-tune on text"
-        )
-    pieces = read_vocab(vocab_path)
-    if len(pieces) != config.vocab_size:
-        raise ConversionError(
-            f"{vocab_path} has {len(pieces)} lines but {HF_CONFIG} says "
-            f"vocab_size={config.vocab_size}; they must agree"
-        )
-    original = special_ids(pieces, vocab_path)
+    kind, tokenizer_path, pieces, original = _hf_tokenizer(hf_dir, config.vocab_size)
     order = vocabulary_order(original, config.vocab_size)
-    if lowercase is None:
+    casing = None
+    if kind == "wordpiece" and lowercase is None:
         casing = wordpiece_casing(hf_dir, hf_config)
-    else:
+    elif kind == "wordpiece":
         casing = WordPieceCasing(lowercase, source=f"--lowercase {str(lowercase).lower()}")
+    elif lowercase is not None:
+        log.warning("convert: --lowercase applies to WordPiece only; %s is SentencePiece", kind)
 
     weights, source = read_hf_weights(hf_dir)
-    params, heads = hf_to_params(weights, config, order, source)
+    params, mapped = hf_to_params(weights, config, order, source, drop_unknown)
+    heads = mapped.heads
 
     directory = os.path.join(workdir, ckpt.SUBDIR)
     if os.path.isdir(directory) and os.listdir(directory):
@@ -588,18 +679,23 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
             f"--workdir {workdir} already holds checkpoints ({directory}); give a new directory"
         )
     os.makedirs(workdir, exist_ok=True)
-    out_vocab = os.path.join(workdir, WORDPIECE_VOCAB)
-    _write_lines(out_vocab, [pieces[i] for i in order])
     original_ids = dict(zip(SPECIAL_TOKENS, original, strict=True))
-    _write_json(
-        os.path.join(workdir, WORDPIECE_CONFIG),
-        {
-            "tokenizer_class": "BertTokenizer",
-            **casing.to_json(),
-            "casing_source": casing.source,
-            ORIGINAL_IDS: original_ids,
-        },
-    )
+    if kind == "wordpiece":
+        out_tokenizer = os.path.join(workdir, WORDPIECE_VOCAB)
+        _write_lines(out_tokenizer, [pieces[i] for i in order])
+        _write_json(
+            os.path.join(workdir, WORDPIECE_CONFIG),
+            {
+                "tokenizer_class": "BertTokenizer",
+                **casing.to_json(),
+                "casing_source": casing.source,
+                ORIGINAL_IDS: original_ids,
+            },
+        )
+    else:
+        out_tokenizer = os.path.join(workdir, ckpt.TOKENIZER_FILE)
+        shutil.copyfile(tokenizer_path, out_tokenizer + ".tmp")
+        os.replace(out_tokenizer + ".tmp", out_tokenizer)
     model = dataclasses.asdict(config)
     meta = {
         "format": ckpt.FORMAT_VERSION,
@@ -607,12 +703,13 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
         "rng": ckpt.rng_to_json(jax.random.key(0)),
         "data": {"position": 0},
         "config": {"model": model},
-        "tokenizer": {"path": out_vocab, "copy": WORDPIECE_VOCAB},
+        "tokenizer": {"path": out_tokenizer, "copy": os.path.basename(out_tokenizer)},
         "model": model,
         "converted_from": {
             "directory": hf_dir,
             "weights": os.path.basename(source),
             "heads": heads,
+            "dropped": mapped.dropped,
             "huggingface_config": hf_config,
         },
     }
@@ -636,8 +733,8 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
         ", ".join([os.path.basename(source), "encoder", *heads]),
         os.path.join(directory, "0"),
         f"special tokens moved to flaxbert's ids ({moved})" if moved else "kept as it was",
-        casing.lowercase,
-        casing.source,
+        casing.lowercase if casing else "n/a",
+        casing.source if casing else f"{kind} tokenizer",
         workdir,
         " ".join(f"{k}={model[k]}" for k in STRUCTURAL_KEYS),
     )
@@ -649,6 +746,8 @@ def import_hf(hf_dir: str, workdir: str, lowercase: bool | None = None) -> Impor
         weights_file=source,
         original_ids=original_ids,
         casing=casing,
+        tokenizer=kind,
+        dropped=mapped.dropped,
     )
 
 
@@ -668,11 +767,19 @@ def _write_json(path: str, value) -> None:
 # ------------------------------------------------------------------------------ export
 
 
-def read_params(step_dir: str) -> dict:
-    """Every parameter of a checkpoint, as numpy arrays on the host (any saved sharding)."""
+def read_params(path: str | os.PathLike) -> dict:
+    """Every parameter of a checkpoint, as numpy arrays on the host (any saved sharding).
+
+    `path` names the checkpoint as everywhere in flaxbert: a workdir (its latest complete
+    step), its checkpoints/ directory, or one step directory checkpoints/STEP; relative, with
+    `~` or a trailing slash. Raises `flaxbert.checkpoint.CheckpointNotFoundError` when there
+    is no checkpoint there."""
     import jax
     import orbax.checkpoint as ocp
 
+    from flaxbert import checkpoint as ckpt
+
+    step_dir, _ = ckpt.read_meta(user_path(path))
     params_dir = os.path.join(step_dir, "params")
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(params_dir).item_metadata.tree
@@ -742,12 +849,13 @@ def export_hf(checkpoint: str, out_dir: str) -> ExportResult:
     from flaxbert.model import BertConfig
     from flaxbert.tokenizer import load_tokenizer
 
+    checkpoint = user_path(checkpoint)
     step_dir, meta = ckpt.read_meta(checkpoint)
     try:
         config = BertConfig.from_dict(meta.get("model") or meta["config"]["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{step_dir}: no usable model config in its meta ({e})") from None
-    out_dir = os.path.abspath(out_dir)
+    out_dir = user_path(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"--out {out_dir} is not empty; give a new or empty directory")
     params = read_params(step_dir)
@@ -855,6 +963,13 @@ def add_convert_parser(subparsers) -> argparse.ArgumentParser:
         f"{WORDPIECE_CONFIG} or {HF_CONFIG}, else whether the directory's name contains "
         "'uncased'; default: %(default)s)",
     )
+    p.add_argument(
+        "--drop-unknown",
+        action="store_true",
+        help="with --from-hf: leave out the weights of heads flaxbert does not import (e.g. "
+        "the classifier.* of a BertForSequenceClassification or BertForTokenClassification), "
+        "naming them in the log, instead of refusing the directory",
+    )
     return p
 
 
@@ -864,7 +979,7 @@ def run_convert(args: argparse.Namespace) -> int:
             if not args.workdir or args.out:
                 raise ConversionError("--from-hf DIR needs --workdir OUT (and no --out)")
             lowercase = {"auto": None, "true": True, "false": False}[args.lowercase]
-            import_hf(args.from_hf, args.workdir, lowercase)
+            import_hf(args.from_hf, args.workdir, lowercase, getattr(args, "drop_unknown", False))
         else:
             if not args.out or args.workdir:
                 raise ConversionError("--to-hf WORKDIR needs --out DIR (and no --workdir)")

@@ -70,6 +70,11 @@ def extract_features(
     batch_size: int = 32,
     max_seq_length: int = 0,
 ) -> dict:
+    """Writes OUTPUT.npy and OUTPUT.jsonl (see the module doc) for the lines of `input_file`
+    run through the encoder of `checkpoint` (a workdir, its checkpoints/ or one step
+    directory; any head combination, pooler or not). Returns a summary dict (lines, rows,
+    dim, layers, truncated, seconds, npy, index). Raises ValueError (a bad flag or input
+    line) or CheckpointNotFoundError (no checkpoint at `checkpoint`)."""
     import flax.linen as nn
     import jax
     import jax.numpy as jnp
@@ -81,6 +86,10 @@ def extract_features(
 
     if pooling not in ("none", "cls", "mean"):
         raise ValueError(f"--pooling {pooling!r}: choose none, cls or mean")
+    # Paths as a user types them: relative, with ~ or a trailing slash.
+    checkpoint, input_file, output = (
+        os.path.abspath(os.path.expanduser(p)) for p in (checkpoint, input_file, output)
+    )
     step_dir, meta = ckpt.read_meta(checkpoint)
     model_values = meta.get("model") or meta["config"]["model"]
     config = BertConfig.from_dict(

@@ -469,3 +469,268 @@ def test_what_cannot_be_converted_is_named(hf, tmp_path, capsys):
     assert "is not empty" in capsys.readouterr().err
     assert cli.main(["convert", "--to-hf", str(out), "--out", str(tmp_path / "cli_hf")]) == 0
     assert (tmp_path / "cli_hf/model.safetensors").exists()
+
+
+# ------------------------------------------------------------------ head combinations
+
+_HEAD_PREFIXES = {
+    "pooler": ("bert.pooler.",),
+    "mlm": ("cls.predictions.",),
+    "nsp": ("cls.seq_relationship.",),
+}
+COMBINATIONS = {  # name: (heads kept, the architecture the export names)
+    "pretraining": (("pooler", "mlm", "nsp"), "BertForPreTraining"),
+    "masked-lm": (("mlm",), "BertForMaskedLM"),  # transformers' BertForMaskedLM layout
+    "masked-lm+pooler": (("pooler", "mlm"), "BertForMaskedLM"),
+    "encoder+pooler": (("pooler",), "BertModel"),
+    "encoder": ((), "BertModel"),
+}
+
+
+def _hf_variant(st_dir, directory, heads):
+    """The fixture's safetensors directory with only `heads` kept (a bare encoder loses the
+    `bert.` prefix, as transformers' BertModel saves it)."""
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(st_dir / "model.safetensors")
+    dropped = [p for h, ps in _HEAD_PREFIXES.items() if h not in heads for p in ps]
+    weights = {k: v for k, v in weights.items() if not k.startswith(tuple(dropped))}
+    if not {"mlm", "nsp"} & set(heads):
+        weights = {k[len("bert.") :]: v for k, v in weights.items()}
+    directory.mkdir()
+    save_file(weights, directory / "model.safetensors")
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(st_dir / name, directory / name)
+    return directory
+
+
+@pytest.mark.parametrize("combination", list(COMBINATIONS))
+def test_every_head_combination_converts_and_runs(hf, tmp_path, combination):
+    """Each layout the import accepts runs every documented entry point: the model's
+    methods (MLM logits equal transformers' where there is an MLM head), extract-features
+    (the encoder's vectors, equal for every layout), and export (the architecture that has
+    those heads, importing back to the same parameters)."""
+    from flaxbert.features import extract_features
+    from flaxbert.model import heads_of
+
+    model, params, *_, st_dir = hf
+    heads, architecture = COMBINATIONS[combination]
+    source = _hf_variant(st_dir, tmp_path / f"{combination}-uncased", heads)
+    result = import_hf(str(source), str(tmp_path / "out"))
+    assert result.heads == list(heads)
+    converted = read_params(result.workdir)
+    assert heads_of(converted) == heads
+
+    hf_ids, mask, segments = _hf_batch()
+    expected = model(hf_ids, mask, segments, params=params, train=False)
+    order = vocabulary_order(HF_SPECIAL_IDS, VOCAB_SIZE)
+    ids = np.argsort(order)[hf_ids]
+    config = BertConfig.from_dict(result.model)
+    variables = {"params": converted}
+    fitted = BertForPreTraining.for_params(config, converted)
+    out = fitted.apply(variables, ids, mask, segments, np.zeros((3, 2), np.int32))
+    if "mlm" in heads:
+        # The call of the issue: the default model, MLM logits on a checkpoint w/o pooler.
+        logits = BertForPreTraining(config).apply(
+            variables, ids, mask, segments, method=BertForPreTraining.all_position_mlm_logits
+        )
+        np.testing.assert_allclose(
+            np.asarray(logits), np.asarray(expected.prediction_logits)[..., order], atol=1e-4
+        )
+        np.testing.assert_allclose(
+            np.asarray(out.mlm_logits_BPV[:, 0]), np.asarray(logits[:, 0]), atol=1e-5
+        )
+    else:
+        assert out.mlm_logits_BPV is None
+    assert (out.nsp_logits_B2 is None) == ("nsp" not in heads)
+
+    # extract-features: last-layer vectors, the same whatever heads the checkpoint has.
+    lines = tmp_path / "lines.txt"
+    lines.write_text("the movie was good\nhello world ||| the end\n", encoding="utf-8")
+    summary = extract_features(result.workdir, str(lines), str(tmp_path / "feat"))
+    vectors = np.load(summary["npy"])
+    reference = extract_features(
+        import_hf(str(st_dir), str(tmp_path / "full")).workdir, str(lines), str(tmp_path / "ref")
+    )
+    np.testing.assert_array_equal(vectors, np.load(reference["npy"]))
+    assert vectors.shape == (summary["rows"], 32) and summary["rows"] == 6 + 7
+
+    # Export names the architecture that has these heads and imports back unchanged.
+    exported = export_hf(result.workdir, str(tmp_path / "hf"))
+    assert exported.architecture == architecture and exported.heads == list(heads)
+    again = import_hf(str(tmp_path / "hf"), str(tmp_path / "again"))
+    _same_tree(read_params(again.step_dir), converted)
+
+
+def test_finetune_starts_from_a_masked_lm_checkpoint(hf, repo_root, tmp_path):
+    """A checkpoint without a pooler (transformers' BertForMaskedLM): fine-tuning restores
+    the embeddings and layers, and the pooler starts fresh."""
+    from flaxbert.finetune import finetune
+
+    *_, st_dir = hf
+    source = _hf_variant(st_dir, tmp_path / "mlm-uncased", ("mlm",))
+    converted = import_hf(str(source), str(tmp_path / "converted"))
+    rows = ["sentence\tlabel"] + [f"the movie was {w}\t{i % 2}" for i, w in enumerate(WORDS[:16])]
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    config = load_config(
+        str(repo_root / "configs/finetune.py") + ":sst2,tiny",
+        [
+            "--config.model.hidden_size=32",
+            "--config.model.num_layers=2",
+            "--config.model.num_heads=2",
+            "--config.model.intermediate_size=64",
+            "--config.model.max_position_embeddings=64",
+            f"--config.init_from={converted.workdir}",
+            f"--config.data.train_file={tmp_path / 'train.tsv'}",
+            f"--config.data.eval_file={tmp_path / 'train.tsv'}",
+            "--config.data.max_seq_length=16",
+            "--config.train.batch_size=8",
+            "--config.eval.batch_size=8",
+            "--config.train.num_steps=1",
+            "--config.train.learning_rate=0.0",
+            "--config.checkpoint.async_save=False",
+        ],
+    )
+    result = finetune(config, str(tmp_path / "ft"))
+    assert "bert/embeddings" in result.restored_groups
+    assert "bert/pooler" not in result.restored_groups
+    saved = read_params(converted.step_dir)["bert"]
+    restored = jax.device_get(result.state.params["bert"])
+    assert "pooler" in restored  # freshly initialised for the classifier
+    _same_tree({k: v for k, v in restored.items() if k != "pooler"}, saved)
+
+
+@pytest.mark.parametrize("task", ["sequence", "token"])
+def test_task_heads_are_named_and_can_be_dropped(hf, tmp_path, caplog, capsys, task):
+    """A fine-tuned transformers model (BertForSequenceClassification: encoder, pooler and
+    classifier.*; BertForTokenClassification: no pooler) is refused naming its head's
+    weights and the flag that drops them; with it, the encoder imports unchanged."""
+    from safetensors.numpy import load_file, save_file
+
+    from flaxbert import cli
+
+    *_, st_dir = hf
+    heads = ("pooler",) if task == "sequence" else ()
+    weights = load_file(st_dir / "model.safetensors")
+    keep = ("bert.embeddings.", "bert.encoder.") + (("bert.pooler.",) if heads else ())
+    weights = {k: v for k, v in weights.items() if k.startswith(keep)}
+    weights["classifier.weight"] = np.ones((3, 32), np.float32)
+    weights["classifier.bias"] = np.zeros(3, np.float32)
+    directory = tmp_path / f"{task}-uncased"
+    directory.mkdir()
+    save_file(weights, directory / "model.safetensors")
+    for name in ("config.json", "vocab.txt"):
+        shutil.copy(st_dir / name, directory / name)
+
+    with pytest.raises(ConversionError) as e:
+        import_hf(str(directory), str(tmp_path / "x"))
+    message = str(e.value)
+    assert "classifier.bias" in message and "classifier.weight" in message
+    assert "--drop-unknown" in message and "not a BERT with" not in message
+    assert not (tmp_path / "x").exists()
+
+    with caplog.at_level(logging.WARNING, logger="flaxbert"):
+        result = import_hf(str(directory), str(tmp_path / "out"), drop_unknown=True)
+    assert result.dropped == ["classifier.bias", "classifier.weight"]
+    assert result.heads == list(heads)
+    assert "left out 2 weight(s)" in caplog.text and "classifier.weight" in caplog.text
+    full = read_params(import_hf(str(st_dir), str(tmp_path / "full")).workdir)
+    expected = {k: v for k, v in full["bert"].items() if k != "pooler" or heads}
+    _same_tree(read_params(result.workdir), {"bert": expected})
+    meta = ckpt.read_meta(result.workdir)[1]
+    assert meta["converted_from"]["dropped"] == ["classifier.bias", "classifier.weight"]
+
+    # The command line: refused with status 2 naming the flag, then taken with it.
+    assert cli.main(["convert", "--from-hf", str(directory), "--workdir", str(tmp_path / "c")]) == 2
+    assert "--drop-unknown" in capsys.readouterr().err
+    argv = ["convert", "--from-hf", str(directory), "--workdir", str(tmp_path / "c")]
+    assert cli.main([*argv, "--drop-unknown"]) == 0
+    _same_tree(read_params(tmp_path / "c"), {"bert": expected})
+
+    # A weight unknown inside the encoder is never dropped: that model is not BERT.
+    weights["bert.encoder.layer.0.attention.self.rotary.weight"] = np.zeros(2, np.float32)
+    save_file(weights, directory / "model.safetensors")
+    with pytest.raises(ConversionError, match="(?s)not a BERT with 2 layers.*rotary"):
+        import_hf(str(directory), str(tmp_path / "y"), drop_unknown=True)
+
+
+def test_paths_are_taken_as_users_type_them(hf, tmp_path, monkeypatch):
+    """Relative paths, `~`, trailing slashes, and a workdir, its checkpoints/ or one step
+    directory: read_params, import, export and extract-features take each."""
+    from flaxbert.features import extract_features
+
+    *_, st_dir = hf
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    shutil.copytree(st_dir, home / "bert-uncased")
+    monkeypatch.chdir(home)
+
+    first = import_hf("~/bert-uncased/", "~/run")  # ~ and a trailing slash
+    assert first.workdir == str(home / "run")
+    second = import_hf("bert-uncased", "run2/")  # relative
+    assert second.workdir == str(home / "run2")
+    expected = read_params(str(home / "run/checkpoints/0"))
+    for given in (
+        "run",
+        "run/",
+        "./run",
+        "~/run",
+        "run/checkpoints",
+        "run/checkpoints/",
+        "run/checkpoints/0",
+        "~/run/checkpoints/0/",
+        home / "run",
+    ):
+        _same_tree(read_params(given), expected)
+    with pytest.raises(ckpt.CheckpointNotFoundError, match="no flaxbert checkpoint"):
+        read_params("nowhere")
+
+    lines = home / "lines.txt"
+    lines.write_text("hello world\n", encoding="utf-8")
+    for i, given in enumerate(("run/checkpoints/", "~/run/checkpoints/0", "./run/")):
+        out = export_hf(given, f"~/hf{i}/")
+        assert out.out_dir == str(home / f"hf{i}") and (home / f"hf{i}/model.safetensors").exists()
+        summary = extract_features(given, "~/lines.txt", f"~/feat{i}")
+        assert summary["npy"] == str(home / f"feat{i}.npy") and summary["rows"] == 4
+    assert (home / "hf0/model.safetensors").read_bytes() == (
+        home / "hf2/model.safetensors"
+    ).read_bytes()
+
+
+def test_sentencepiece_export_imports_back(hf, tmp_path):
+    """A SentencePiece checkpoint -> convert --to-hf -> convert --from-hf: the same
+    parameters and the same tokenizer (the same ids for the same text)."""
+    *_, st_dir = hf
+    corpus = tmp_path / "corpus.txt"
+    lines = (" ".join(f"w{(i * 7 + j * 13) % 499}q" for j in range(9)) for i in range(600))
+    corpus.write_text("\n".join(lines))
+    sp = train_tokenizer([str(corpus)], 300, str(tmp_path / "sp"), num_threads=1)
+    params = read_params(import_hf(str(st_dir), str(tmp_path / "conv")).workdir)
+    rng = np.random.default_rng(0)
+    params["bert"]["embeddings"]["word_embeddings"] = rng.normal(size=(300, 32)).astype(np.float32)
+    params["mlm_output_bias"] = rng.normal(size=300).astype(np.float32)
+    meta = ckpt.read_meta(str(tmp_path / "conv"))[1]
+    meta["model"]["vocab_size"] = 300
+    workdir = tmp_path / "sp_run"
+    workdir.mkdir()
+    meta["tokenizer"] = ckpt.keep_tokenizer(str(workdir), sp)
+    c = ckpt.Checkpoints(str(workdir / "checkpoints"), async_save=False)
+    c.save(0, params, {"x": np.zeros(())}, meta)
+    c.close()
+
+    assert export_hf(str(workdir), str(tmp_path / "hf")).tokenizer == "sentencepiece"
+    result = import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
+    assert result.tokenizer == "sentencepiece" and result.casing is None
+    assert result.heads == ["pooler", "mlm", "nsp"]
+    _same_tree(read_params(result.workdir), params)
+    original = load_tokenizer(ckpt.tokenizer_of(str(workdir)))
+    back = load_tokenizer(ckpt.tokenizer_of(result.workdir))
+    assert isinstance(back, Tokenizer)
+    text = "w7q w20q w33q unseen words w499q"
+    assert back.encode(text).tolist() == original.encode(text).tolist()
+    assert len(back.encode(text)) > 5
+    # And out again: the same files.
+    export_hf(result.workdir, str(tmp_path / "hf2"))
+    for name in ("model.safetensors", "tokenizer.model"):
+        assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
