@@ -11,8 +11,8 @@ model's task head (`classifier.*` of a BertForSequenceClassification) is refused
 weights, unless `--drop-unknown` leaves it out. Safetensors hold PyTorch names and (out, in)
 kernels, msgpack Flax names and (in, out) kernels. The vocabulary is `vocab.txt`, or the
 SentencePiece `tokenizer.model` that an export of a SentencePiece checkpoint writes, so that
-every flaxbert export imports back. OUT becomes a workdir like `flaxbert pretrain` leaves it: `checkpoints/0/`
-(parameters and meta), `vocab.txt` and `tokenizer_config.json`, so that
+every flaxbert export imports back. OUT becomes a workdir like `flaxbert pretrain` leaves
+it: `checkpoints/0/` (parameters and meta), `vocab.txt` and `tokenizer_config.json`, so that
 `flaxbert finetune --config.init_from=OUT` and `flaxbert extract-features --workdir OUT`
 take it as they take a pre-training run.
 

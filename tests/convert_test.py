@@ -50,6 +50,16 @@ LETTERS = [c for c in "abcdefghijklmnopqrstuvwxyz"] + [
 ]
 
 
+# The fixture's model as finetune config overrides.
+TINY_MODEL_FLAGS = (
+    "--config.model.hidden_size=32",
+    "--config.model.num_layers=2",
+    "--config.model.num_heads=2",
+    "--config.model.intermediate_size=64",
+    "--config.model.max_position_embeddings=64",
+)
+
+
 def _hf_vocab() -> list[str]:
     """120 pieces with the special tokens where HuggingFace's English BERT has them."""
     rest = iter(WORDS + LETTERS + [f"[unused{i}]" for i in range(VOCAB_SIZE)])
@@ -271,11 +281,7 @@ def test_finetune_takes_a_converted_directory(hf, repo_root, tmp_path):
     config = load_config(
         str(repo_root / "configs/finetune.py") + ":sst2,tiny",
         [
-            "--config.model.hidden_size=32",
-            "--config.model.num_layers=2",
-            "--config.model.num_heads=2",
-            "--config.model.intermediate_size=64",
-            "--config.model.max_position_embeddings=64",
+            *TINY_MODEL_FLAGS,
             "--config.model.hidden_dropout_rate=0.0",
             f"--config.init_from={converted.workdir}",
             f"--config.data.train_file={tmp_path / 'train.tsv'}",
@@ -575,11 +581,7 @@ def test_finetune_starts_from_a_masked_lm_checkpoint(hf, repo_root, tmp_path):
     config = load_config(
         str(repo_root / "configs/finetune.py") + ":sst2,tiny",
         [
-            "--config.model.hidden_size=32",
-            "--config.model.num_layers=2",
-            "--config.model.num_heads=2",
-            "--config.model.intermediate_size=64",
-            "--config.model.max_position_embeddings=64",
+            *TINY_MODEL_FLAGS,
             f"--config.init_from={converted.workdir}",
             f"--config.data.train_file={tmp_path / 'train.tsv'}",
             f"--config.data.eval_file={tmp_path / 'train.tsv'}",
