@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from flaxbert.config import ConfigError
 
@@ -342,9 +343,39 @@ def read_meta(path: str) -> tuple[str, dict]:
         raise CheckpointNotFoundError(f"cannot read {meta_file}: {e}") from None
 
 
+def _params_item(step_dir: str):
+    """(orbax handler, path) of a checkpoint's `params` item, read on its own.
+
+    The item is one part of a CheckpointManager step: the step's metadata file
+    (_CHECKPOINT_METADATA) is in the step directory, not in the item's. A `Checkpointer` opened
+    on the item directory looks for it there and warns "Metadata file does not exist" on every
+    read; the item's own handler reads the item alone. Close the handler after use."""
+    return ocp.PyTreeCheckpointHandler(), epath.Path(step_dir) / "params"
+
+
+def _saved_params_tree(step_dir: str) -> dict:
+    handler, path = _params_item(step_dir)
+    try:
+        return handler.metadata(path).tree
+    finally:
+        handler.close()
+
+
+def host_params(step_dir: str) -> dict:
+    """Every parameter of the checkpoint in `step_dir` (checkpoints/STEP), as numpy arrays on
+    the host, whatever sharding it was saved with."""
+    handler, path = _params_item(step_dir)
+    try:
+        tree = handler.metadata(path).tree
+        restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+        return handler.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    finally:
+        handler.close()
+
+
 def saved_param_groups(step_dir: str) -> dict[str, list[str]]:
     """Top-level parameter groups of a checkpoint and the names directly under each."""
-    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "params")).item_metadata.tree
+    tree = _saved_params_tree(step_dir)
     return {k: sorted(v) if isinstance(v, dict) else [] for k, v in tree.items()}
 
 
@@ -357,9 +388,7 @@ def restore_params(path: str, abstract_subtree: dict, step_dir: str | None = Non
     subtree. Shapes that do not fit stop with a `CheckpointMismatchError` naming them."""
     if step_dir is None:
         step_dir, _ = read_meta(path)
-    params_dir = os.path.join(step_dir, "params")
-    checkpointer = ocp.PyTreeCheckpointer()
-    saved = checkpointer.metadata(params_dir).item_metadata.tree
+    saved = _saved_params_tree(step_dir)
     missing = [k for k in abstract_subtree if k not in saved]
     if missing:
         raise CheckpointMismatchError(
@@ -371,14 +400,18 @@ def restore_params(path: str, abstract_subtree: dict, step_dir: str | None = Non
     )
     if lines:
         raise _mismatch_error(step_dir, "parameters", lines, _config_hint(step_dir))
-    return checkpointer.restore(
-        params_dir,
-        args=ocp.args.PyTreeRestore(
-            item=abstract_subtree,
-            restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
-            partial_restore=True,
-        ),
-    )
+    handler, path = _params_item(step_dir)
+    try:
+        return handler.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item=abstract_subtree,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_subtree),
+                partial_restore=True,
+            ),
+        )
+    finally:
+        handler.close()
 
 
 def tokenizer_of(path: str) -> str:

@@ -258,6 +258,27 @@ def test_partial_restore_reads_only_the_encoder(repo_root, tmp_path):
         ckpt.restore_params(str(tmp_path / "ck"), {"classifier": {}})
 
 
+def test_reading_params_items_logs_no_missing_metadata_warning(tmp_path, caplog):
+    """The params item of a manager's step is read with its own handler: orbax's step metadata
+    lives in the step directory, and a Checkpointer on the item warned about it every read."""
+    c = ckpt.Checkpoints(tmp_path / "ck")
+    params = {"bert": {"w": np.arange(3, dtype=np.float32)}, "head": {"b": np.ones(2, np.int32)}}
+    c.save(4, params, {"n": np.int32(0)}, {"step": 4, "rng": [0, 1]})
+    c.close()
+    step_dir = str(tmp_path / "ck" / "4")
+    with caplog.at_level(logging.DEBUG):
+        assert ckpt.saved_param_groups(step_dir) == {"bert": ["w"], "head": ["b"]}
+        every = ckpt.host_params(step_dir)
+        wanted = {"bert": {"w": jax.ShapeDtypeStruct((3,), np.float32)}}
+        encoder = ckpt.restore_params(str(tmp_path / "ck"), wanted)
+    _assert_trees_equal(every, params)
+    assert isinstance(every["head"]["b"], np.ndarray)
+    np.testing.assert_array_equal(encoder["bert"]["w"], [0.0, 1.0, 2.0])
+    assert set(encoder) == {"bert"}
+    noise = [r.getMessage() for r in caplog.records if "_CHECKPOINT_METADATA" in r.getMessage()]
+    assert not noise
+
+
 def test_resolve_accepts_workdir_checkpoints_dir_and_step_dir(tmp_path):
     c = ckpt.Checkpoints(tmp_path / "run" / "checkpoints")
     for step in (5, 10):
