@@ -55,7 +55,10 @@ class _ProgressSentences:
         )
         self.stats = ReadStats()
         self.sentences = 0
+        self.characters = 0
         self.error: BaseException | None = None
+        self.read_s = 0.0  # how long reading took, once it is done
+        self.on_done = lambda: None  # called when every sentence has been handed over
 
     def __iter__(self) -> Iterator[str]:
         from flaxbert.data.text import iter_corpus_documents
@@ -68,6 +71,7 @@ class _ProgressSentences:
                 ):
                     for sentence in doc:
                         self.sentences += 1
+                        self.characters += len(sentence)
                         yield sentence
                     now = time.monotonic()
                     if now - last >= self.every_s:
@@ -81,7 +85,48 @@ class _ProgressSentences:
         except BaseException as e:
             self.error = e
             raise
+        self.read_s = time.monotonic() - start
         log.info("train-tokenizer: read %s", self.stats.summary())
+        self.on_done()
+
+
+# SentencePiece's training time, measured (flaxbert train-tokenizer on the shared Korean
+# corpus, 8000-piece unigram): about 17 s of CPU time per million characters of sampled
+# text, only partly spread over its threads. A rough guide for the log, not a promise.
+CPU_SECONDS_PER_MILLION_CHARACTERS = 17.0
+DEFAULT_MAX_SENTENCES = 300_000  # sampled for training: minutes, not hours, on any corpus
+HEARTBEAT_S = 30.0
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+class _Heartbeat:
+    """Logs 'still training' every `every_s` seconds from a thread while SentencePiece
+    trains (it releases the GIL), so a long training never looks hung."""
+
+    def __init__(self, every_s: float, expected: str):
+        import threading
+
+        self.every_s, self.expected = every_s, expected
+        self.start = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tokenizer-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(self.every_s):
+            log.info(
+                "train-tokenizer: still training (%s so far, expected %s)",
+                _minutes(time.monotonic() - self.start),
+                self.expected,
+            )
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return time.monotonic() - self.start
 
 
 def train_tokenizer(
@@ -89,7 +134,7 @@ def train_tokenizer(
     vocab_size: int,
     output_prefix: str,
     model_type: str = "unigram",
-    max_sentences: int = 2_000_000,
+    max_sentences: int = DEFAULT_MAX_SENTENCES,
     character_coverage: float = 0.9995,
     seed: int = 0,
     num_threads: int | None = None,
@@ -102,8 +147,12 @@ def train_tokenizer(
 
     `inputs` are specs for `flaxbert.data.text.iter_corpus_documents` (text files, globs,
     JSONL, `tfds:NAME[:SPLIT]`), read sentence by sentence exactly as data preparation reads
-    them. At most `max_sentences` sentences, sampled uniformly over the whole input, are kept
-    for training. The pieces [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0-4, [CLS]/[SEP]/[MASK]
+    them. At most `max_sentences` sentences (default 300,000), sampled uniformly over the
+    whole input, are kept for training: SentencePiece's time grows with the text it trains
+    on (about 17 s of CPU per million characters), and a sample of this size already gives
+    the pieces of the full corpus's frequent words. The log says what was read, how much
+    text training takes and how long it should last, that it is still training every 30 s,
+    and how long it took. The pieces [PAD] [UNK] [CLS] [SEP] [MASK] take ids 0-4, [CLS]/[SEP]/[MASK]
     as control symbols (raw text never produces them); byte fallback means no character is
     ever unknown; text is NFKC-normalised. Writes PREFIX.model and PREFIX.vocab.
     """
@@ -133,6 +182,32 @@ def train_tokenizer(
     os.makedirs(out_dir, exist_ok=True)
 
     sentences = _ProgressSentences(inputs, errors, text_field, every_s=10.0)
+    threads = num_threads or os.cpu_count() or 1
+    heartbeat: list[_Heartbeat] = []
+
+    def reading_done():
+        kept = min(sentences.sentences, max_sentences)
+        share = kept / max(sentences.sentences, 1)
+        characters = sentences.characters * share
+        cpu_s = CPU_SECONDS_PER_MILLION_CHARACTERS * characters / 1e6
+        expected = (
+            f"about {_minutes(cpu_s)}"
+            if threads == 1
+            else f"about {_minutes(cpu_s / threads)} to {_minutes(cpu_s)}"
+        )
+        log.info(
+            "train-tokenizer: training on %s of %s sentences (%s, about %.1fM characters) on "
+            "%d thread(s); expected %s",
+            f"{kept:,}",
+            f"{sentences.sentences:,}",
+            "all" if kept == sentences.sentences else f"a {share:.0%} sample",
+            characters / 1e6,
+            threads,
+            expected,
+        )
+        heartbeat.append(_Heartbeat(HEARTBEAT_S, expected))
+
+    sentences.on_done = reading_done
     spm.set_random_generator_seed(seed)
     log.info(
         "train-tokenizer: %s model, %d pieces, from %s (sampling at most %s sentences)",
@@ -161,7 +236,7 @@ def train_tokenizer(
             shuffle_input_sentence=True,
             # Sentences over max_sentence_length (4192 bytes) are skipped: after splitting,
             # none of the shared corpora has one (longest: 2771 bytes).
-            num_threads=num_threads or os.cpu_count() or 1,
+            num_threads=threads,
             minloglevel=0 if verbose else 1,
         )
     except RuntimeError as e:
@@ -175,10 +250,19 @@ def train_tokenizer(
             f"SentencePiece could not train a {vocab_size}-piece {model_type} model on "
             f"{sentences.sentences:,} sentences of {', '.join(inputs)}: {e}"
         ) from None
+    finally:
+        trained_s = heartbeat[0].stop() if heartbeat else 0.0
     if sentences.error is not None:
         raise sentences.error
     path = output_prefix + ".model"
-    log.info("train-tokenizer: wrote %s and %s.vocab", path, output_prefix)
+    log.info(
+        "train-tokenizer: trained in %s (reading %s, training %s); wrote %s and %s.vocab",
+        _minutes(sentences.read_s + trained_s),
+        _minutes(sentences.read_s),
+        _minutes(trained_s),
+        path,
+        output_prefix,
+    )
     return path
 
 
@@ -747,10 +831,10 @@ def add_train_tokenizer_parser(subparsers: argparse._SubParsersAction) -> argpar
     p.add_argument(
         "--max-sentences",
         type=int,
-        default=2_000_000,
+        default=DEFAULT_MAX_SENTENCES,
         metavar="N",
-        help="train on at most N sentences sampled uniformly from the whole input "
-        "(default: %(default)s)",
+        help="train on at most N sentences sampled uniformly from the whole input; the "
+        "training time grows with them (default: %(default)s)",
     )
     p.add_argument(
         "--character-coverage",
@@ -779,7 +863,7 @@ def run_train_tokenizer(args: argparse.Namespace) -> int:
             args.vocab_size,
             args.output,
             model_type=getattr(args, "model_type", "unigram"),
-            max_sentences=getattr(args, "max_sentences", 2_000_000),
+            max_sentences=getattr(args, "max_sentences", DEFAULT_MAX_SENTENCES),
             character_coverage=getattr(args, "character_coverage", 0.9995),
             seed=getattr(args, "seed", 0),
             errors=errors,

@@ -266,3 +266,40 @@ def test_cli_handler(tmp_path, capsys):
         "--errors",
     ]:
         assert flag in help_text
+
+
+def test_training_says_what_it_does_and_how_long(tmp_path, caplog):
+    """Before training: how many sentences and characters of how many, on how many threads,
+    and the expected time (from the measured rate); after: the time taken. A long training
+    logs 'still training' from a heartbeat thread meanwhile."""
+    from flaxbert import tokenizer as tk
+
+    corpus = _synthetic_corpus(tmp_path / "corpus.txt", lines=1500)
+    characters = sum(len(line) for line in pathlib.Path(corpus).read_text().splitlines())
+    caplog.set_level("INFO", logger="flaxbert")
+    train_tokenizer([corpus], 300, str(tmp_path / "sp"), max_sentences=300, num_threads=2)
+    before = re.search(
+        r"training on 300 of 1,500 sentences \(a 20% sample, about ([\d.]+)M characters\) on "
+        r"2 thread\(s\); expected about (\S+ \S+) to (\S+ \S+)",
+        caplog.text,
+    )
+    assert before, caplog.text
+    assert float(before.group(1)) == pytest.approx(characters * 0.2 / 1e6, abs=0.05)
+    cpu_s = tk.CPU_SECONDS_PER_MILLION_CHARACTERS * characters * 0.2 / 1e6
+    assert before.group(2) == f"{cpu_s / 2:.0f} s" and before.group(3) == f"{cpu_s:.0f} s"
+    after = re.search(
+        r"trained in ([\d.]+) s \(reading ([\d.]+) s, training ([\d.]+) s\)", caplog.text
+    )
+    assert after, caplog.text
+    assert caplog.text.index(before.group(0)) < caplog.text.index(after.group(0))
+    assert tk.DEFAULT_MAX_SENTENCES == 300_000  # the default sample, as the docs say
+
+    # The heartbeat: one line per period until stopped (its wait made deterministic).
+    caplog.clear()
+    beat = tk._Heartbeat(3600.0, "about 5 min")
+    beat.stop()
+    waits = iter([False, False, True])
+    beat._stop.wait = lambda _timeout: next(waits)
+    beat._run()
+    assert caplog.text.count("still training") == 2 and "expected about 5 min" in caplog.text
+    assert tk._minutes(75) == "75 s" and tk._minutes(600) == "10.0 min"
