@@ -78,6 +78,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.data.tokenizer = ""  # SentencePiece .model; trained on first use if it does not exist
     c.data.vocab_size = 8000  # pieces of a tokenizer trained on first use
     c.data.tokenizer_model_type = "unigram"  # unigram | bpe
+    # Sentences sampled from the corpus to train that tokenizer; its time grows with them.
+    c.data.tokenizer_max_sentences = 300_000
     c.data.cache_dir = ""  # tokenizer + prepared data of raw corpora; '' = WORKDIR/data
     c.data.validation_fraction = 0.01  # documents held out for evaluation
     c.data.text_field = "text"  # JSONL / TFDS text feature

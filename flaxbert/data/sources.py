@@ -165,6 +165,12 @@ def _check_raw_inputs(data) -> None:
             data.tokenizer_model_type,
             f"choose one of {', '.join(MODEL_TYPES)}",
         )
+        require(
+            data.tokenizer_max_sentences >= 1,
+            "data.tokenizer_max_sentences",
+            data.tokenizer_max_sentences,
+            "give a positive number of sentences to sample",
+        )
         least = NUM_SPECIAL + NUM_BYTE_PIECES + 1
         require(
             data.vocab_size >= least,
@@ -233,6 +239,7 @@ def _train_and_prepare(data, workdir: str) -> PretrainingCorpus:
                 data.vocab_size,
                 tokenizer[: -len(".model")],
                 model_type=data.tokenizer_model_type,
+                max_sentences=data.tokenizer_max_sentences,
                 errors=data.errors,
                 text_field=data.text_field,
             )
