@@ -774,17 +774,10 @@ def read_params(path: str | os.PathLike) -> dict:
     step), its checkpoints/ directory, or one step directory checkpoints/STEP; relative, with
     `~` or a trailing slash. Raises `flaxbert.checkpoint.CheckpointNotFoundError` when there
     is no checkpoint there."""
-    import jax
-    import orbax.checkpoint as ocp
-
     from flaxbert import checkpoint as ckpt
 
     step_dir, _ = ckpt.read_meta(user_path(path))
-    params_dir = os.path.join(step_dir, "params")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(params_dir).item_metadata.tree
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return ckpt.host_params(step_dir)
 
 
 @dataclasses.dataclass
