@@ -155,11 +155,19 @@ def test_mixed_precision_with_micro_batches(repo_root, batches, reference, strat
         **{"model.dtype": "bfloat16", "train.grad_accum_steps": 2},
     )
     setup, state, losses, eval_sums = _sharded_run(config, batches)
-    ref_losses, _, ref_eval = reference[0.0]
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-2)
-    np.testing.assert_allclose(eval_sums["mlm_loss_sum"], ref_eval["mlm_loss_sum"], rtol=2e-2)
-    params = setup.parallel.unreplicate(state).params
+    ref_losses, ref_params, ref_eval = reference[0.0]
+    params = jax.device_get(setup.parallel.unreplicate(state).params)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+    # Measured (CPU, 3 steps): bf16 moves the losses by 2e-5 relative and the parameters by a
+    # median 5e-5 (largest 2.5e-3); pmap gradients left unsummed over the devices move them by
+    # 5e-3 and 7e-3. The bounds sit 10-50x above the first and 5-15x below the second.
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-3)
+    np.testing.assert_allclose(eval_sums["mlm_loss_sum"], ref_eval["mlm_loss_sum"], rtol=1e-3)
+    diffs = [
+        float(np.max(np.abs(a - b)))
+        for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True)
+    ]
+    assert np.median(diffs) < 5e-4 and max(diffs) < 5e-3, (np.median(diffs), max(diffs))
 
 
 def test_pretrain_loop_under_pmap(repo_root, tmp_path):
@@ -180,7 +188,18 @@ def test_pretrain_loop_under_pmap(repo_root, tmp_path):
     result = train.pretrain(config, str(tmp_path))
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 2] and "eval/loss" in rows[-1]
-    assert all(np.isfinite(r["loss"]) for r in rows[:2])
+    # The same run under pjit (one data axis) logs the same numbers: the second step's loss
+    # shows that the first update used the whole batch's gradient.
+    config.unlock()
+    config.parallel.strategy = "pjit"
+    train.pretrain(config, str(tmp_path / "pjit"))
+    text = (tmp_path / "pjit" / "metrics.jsonl").read_text()
+    pjit_rows = [json.loads(line) for line in text.splitlines()]
+    for key in ("loss", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(
+            [r[key] for r in rows[:2]], [r[key] for r in pjit_rows[:2]], rtol=1e-4, err_msg=key
+        )
+    np.testing.assert_allclose(rows[-1]["eval/loss"], pjit_rows[-1]["eval/loss"], rtol=1e-4)
     assert 0 < result.eval_metrics["eval/mlm_accuracy"] <= 1
     # One copy of the state comes back, not one per device.
     assert int(result.state.step) == 2
