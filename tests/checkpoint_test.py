@@ -359,6 +359,29 @@ def test_nonfinite_skip_drops_update_and_counts(repo_root, tmp_path, monkeypatch
     assert json.load(open(tmp_path / "final_metrics.json"))["skipped_updates"] == 1
 
 
+def test_finished_pretrain_rerun_does_nothing(repo_root, tmp_path, monkeypatch, caplog):
+    config = _config(repo_root, "--config.train.num_steps=2", "--config.eval.every_steps=2")
+    first = train.pretrain(config, str(tmp_path))
+    written = {
+        name: ((tmp_path / name).read_bytes(), (tmp_path / name).stat().st_mtime_ns)
+        for name in ("final_metrics.json", "metrics.jsonl", "config.json")
+    }
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("a finished run re-run must not read data, train or evaluate")
+
+    monkeypatch.setattr(train, "load_corpus", no_work)
+    monkeypatch.setattr(train, "evaluate", no_work)
+    with caplog.at_level(logging.INFO, logger="flaxbert"):
+        again = train.pretrain(config, str(tmp_path))
+    assert "the run is already finished" in caplog.text and "nothing to do" in caplog.text
+    assert again.already_finished and again.final_step == again.start_step == 2
+    assert again.eval_metrics == first.eval_metrics and again.state is None
+    for name, (content, mtime) in written.items():
+        assert (tmp_path / name).read_bytes() == content, name
+        assert (tmp_path / name).stat().st_mtime_ns == mtime, name
+
+
 def test_skipped_update_leaves_state_unchanged(repo_root):
     config = _config(repo_root)
     setup = _setup(config, devices=jax.devices()[:1])

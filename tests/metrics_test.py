@@ -10,6 +10,7 @@ import pytest
 from flaxbert.metrics import (
     TASK_METRICS,
     accuracy,
+    better_direction,
     binary_f1,
     entity_scores,
     exact_match,
@@ -372,3 +373,10 @@ def test_task_metrics_return_plain_floats():
     ]
     for result in results:
         assert all(type(v) is float for v in result.values()), result
+
+
+def test_better_direction_of_metric_names():
+    for name in ("eval/loss", "mlm_loss", "eval/mse", "rmse", "eval/error", "perplexity"):
+        assert better_direction(name) == "min", name
+    for name in ("eval/accuracy", "f1", "eval/pearson", "exact_match", "matthews_corrcoef"):
+        assert better_direction(name) == "max", name
