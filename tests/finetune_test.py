@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from shared_data import DATA, corpus_head
+from shared_data import TASKS, corpus_head, require
 
 from flaxbert import checkpoint as ckpt
 from flaxbert import finetune_tasks, train
@@ -30,10 +30,8 @@ SMALL_MODEL = [
 
 
 def _tasks_dir():
-    tasks = DATA / "tasks"
-    if not tasks.exists():
-        pytest.skip(f"shared tasks are absent ({tasks})")
-    return tasks
+    require(TASKS)
+    return TASKS
 
 
 @pytest.fixture(scope="module")
