@@ -213,8 +213,12 @@ def test_bf16_follows_the_float32_loss_curve(repo_root):
     f32, bf16 = curves["float32"], curves["bfloat16"]
     assert f32[-10:].mean() < f32[:5].mean() - 0.3  # it learns
     # bf16 rounding (8 bits of mantissa) moves each step's loss a little, never the trend.
-    assert np.max(np.abs(bf16 - f32)) < 0.25, np.abs(bf16 - f32)
-    assert abs(bf16[-10:].mean() - f32[-10:].mean()) < 0.1
+    # Measured on CPU: at most 5e-4 a step, 2.2e-4 on the mean of the last ten; a float32 run
+    # from another initialisation seed differs by up to 0.064 and 0.051. The bounds sit ~10x
+    # above the first and ~10x below the second; bf16 that computes in float32 differs by 0.
+    diff = np.abs(bf16 - f32)
+    assert 1e-6 < np.max(diff) < 5e-3, diff
+    assert abs(bf16[-10:].mean() - f32[-10:].mean()) < 3e-3
 
 
 def test_auto_dtype_is_float32_on_cpu():
