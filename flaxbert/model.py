@@ -377,8 +377,10 @@ class BertModel(nn.Module):
         checkpoint without one (a transformers BertForMaskedLM) runs what does not need it.
 
         Raises ValueError, while tracing (free at run time), when L exceeds
-        `max_position_embeddings`; and, for concrete (not traced) inputs, when an id lies
-        outside its table (word, position or segment ids), which would otherwise give NaN.
+        `max_position_embeddings` and no `position_ids` are given; and, for concrete (not
+        traced) inputs, when an id lies outside its table (word, position or segment ids),
+        which would otherwise give NaN. Under `jax.jit` given `position_ids` cannot be read:
+        keep them below `max_position_embeddings` (packing does).
         """
         check_inputs(self.config, input_ids, segment_ids, position_ids)
         if position_ids is None:
@@ -415,9 +417,10 @@ def check_inputs(config: BertConfig, input_ids_BL, segment_ids_BL=None, position
     """Refuses inputs the embedding tables cannot hold, which would otherwise read past a
     table (`jnp.take` fills with NaN) and give NaN logits without a word.
 
-    Always (shapes are static, so under `jax.jit` this costs nothing at run time): the
-    length L of `input_ids_BL` (B, L) must not exceed `config.max_position_embeddings`, and
-    `segment_ids_BL` / `position_ids_BL` must have the shape of `input_ids_BL`. For concrete
+    Always (shapes are static, so under `jax.jit` this costs nothing at run time): without
+    `position_ids_BL` (positions 0..L-1) the length L of `input_ids_BL` (B, L) must not exceed
+    `config.max_position_embeddings`, and `segment_ids_BL` / `position_ids_BL` must have the
+    shape of `input_ids_BL`. For concrete
     arrays (eager calls; traced values cannot be read): every id must lie in its table,
     [0, vocab_size), [0, type_vocab_size), [0, max_position_embeddings). Raises ValueError
     naming the lengths or ids and what to do.
@@ -426,7 +429,9 @@ def check_inputs(config: BertConfig, input_ids_BL, segment_ids_BL=None, position
     if len(shape) < 1:
         raise ValueError(f"input_ids must have a length axis (B, L); got shape {shape}")
     length, table = shape[-1], config.max_position_embeddings
-    if length > table:
+    # Given position ids index the table instead (packed rows restart them for each pair, so
+    # a row may be longer than the table): their values are checked below.
+    if position_ids_BL is None and length > table:
         raise ValueError(
             f"input length {length} exceeds the model's max_position_embeddings={table} "
             f"(model.max_position_embeddings): positions from {table} on have no "

@@ -314,6 +314,17 @@ def test_inputs_beyond_the_tables_are_refused():
         model.apply({"params": params}, ids.at[0, 0].set(97), mask, seg)
     with pytest.raises(ValueError, match=r"segment_ids holds ids from -1 to 1 .*type_vocab_size"):
         model.apply({"params": params}, ids, mask, seg.at[1, 3].set(-1))
-    # The largest position the table holds is fine.
+    # Rows longer than the table are fine when their positions fit it (packed rows restart
+    # them per pair); the largest position the table holds is fine.
+    restarted = jnp.tile(jnp.arange(16), 2)[None].repeat(2, 0)
+    twice = jnp.concatenate([ids, ids], axis=1)
+    packed = model.apply(
+        {"params": params}, twice, jnp.concatenate([mask, mask], 1), twice * 0, restarted
+    )
+    np.testing.assert_allclose(
+        np.asarray(packed.sequence_BLD[:, 16:][mask > 0]),
+        np.asarray(packed.sequence_BLD[:, :16][mask > 0]),
+        atol=1e-5,
+    )
     out = model.apply({"params": params}, ids, mask, seg, jnp.full((2, 16), 15, jnp.int32))
     assert np.isfinite(np.asarray(out.sequence_BLD)).all()
