@@ -10,12 +10,12 @@ import unicodedata
 
 import numpy as np
 import pytest
-from shared_data import DATA
+from shared_data import TASKS, require
 from transformers import BertTokenizer
 
 from flaxbert.tokenizer import SPECIAL_TOKENS, WordPieceCasing, WordPieceTokenizer
 
-NSMC = DATA / "tasks" / "nsmc" / "train.tsv"
+NSMC = TASKS / "nsmc" / "train.tsv"
 LATIN = (
     "café",
     "Café au lait, résumé and naïve señor!",
@@ -25,8 +25,7 @@ LATIN = (
 
 
 def _reviews(n: int) -> list[str]:
-    if not NSMC.exists():
-        pytest.fail(f"the shared NSMC task is missing at {NSMC} (<repo>/../shared/data)")
+    require(NSMC)  # the house rule: skipped on a machine without it, a failure under CI
     with open(NSMC, encoding="utf-8") as f:
         rows = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         return [r["document"] for r, _ in zip(rows, range(n), strict=False) if r["document"]]
