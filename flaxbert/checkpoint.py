@@ -65,8 +65,9 @@ def _is_step_dir(path: str) -> bool:
 
 def resolve(path: str) -> tuple[str, int | None]:
     """A pre-training workdir, its `checkpoints/` directory or one step directory ->
-    (checkpoint directory, step or None for the latest complete one)."""
-    path = os.path.abspath(path)
+    (checkpoint directory, step or None for the latest complete one). `~` is expanded (a
+    `--config.init_from=~/run` override reaches us unexpanded by the shell)."""
+    path = os.path.abspath(os.path.expanduser(path))
     if _is_step_dir(path):
         return os.path.dirname(path), int(os.path.basename(path))
     if os.path.isdir(os.path.join(path, SUBDIR)):

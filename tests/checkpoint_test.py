@@ -398,3 +398,11 @@ def test_skipped_update_leaves_state_unchanged(repo_root):
     assert int(new.step) == 1 and int(metrics["skipped_updates"]) == 1
     _assert_trees_equal(new.params, state.params)
     _assert_trees_equal(new.opt_state.inner_state, state.opt_state.inner_state)
+
+
+def test_resolve_expands_the_home_directory(tmp_path, monkeypatch):
+    # `--config.init_from=~/run` reaches flaxbert unexpanded (no shell expansion after `=`).
+    (tmp_path / "run" / "checkpoints" / "5" / "params").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert ckpt.resolve("~/run") == (str(tmp_path / "run" / "checkpoints"), None)
+    assert ckpt.resolve("~/run/checkpoints/5/") == (str(tmp_path / "run" / "checkpoints"), 5)

@@ -3,12 +3,13 @@
 import json
 import logging
 import math
+import os
 
 import pytest
 from shared_data import corpus_head
 
 from flaxbert.config import ConfigError, load_config
-from flaxbert.data.sources import load_corpus
+from flaxbert.data.sources import cached_tokenizer_path, load_corpus
 from flaxbert.train import pretrain
 
 SEQ = 64
@@ -101,3 +102,23 @@ def test_tokenizer_with_other_special_ids_is_refused(repo_root, tmp_path):
     )
     with pytest.raises(Exception, match=r"\[PAD\]"):
         pretrain(config, str(tmp_path / "run"))
+
+
+def test_cached_tokenizer_name_follows_what_changes_the_pieces(repo_root, tmp_path):
+    def path(*overrides):
+        config = load_config(
+            f"{repo_root / 'configs/pretrain.py'}:tiny",
+            ["--config.data.corpus=/data/wiki.txt", *overrides],
+        )
+        return os.path.basename(cached_tokenizer_path(config.data, str(tmp_path)))
+
+    default = path()
+    assert default == path("--config.data.tokenizer_max_sentences=300000")
+    variants = [
+        path("--config.data.tokenizer_max_sentences=1000"),
+        path("--config.data.vocab_size=4000"),
+        path("--config.data.tokenizer_model_type=bpe"),
+        path("--config.data.text_field=body"),
+        path("--config.data.corpus=/data/other.txt"),
+    ]
+    assert len({default, *variants}) == 6, (default, variants)

@@ -208,18 +208,27 @@ def _from_raw(data, workdir: str) -> PretrainingCorpus:
         raise e.spelled("config") from None
 
 
+def cached_tokenizer_path(data, cache: str) -> str:
+    """Where `pretrain` keeps the tokenizer it trains on first use: the name holds every
+    `data.*` key that changes the pieces (corpus, text field, sample size, model type, size),
+    so a run that changes one trains its own instead of reusing another's."""
+    from flaxbert.tokenizer import DEFAULT_MAX_SENTENCES
+
+    stem = _slug(data.corpus)
+    if data.text_field != "text":  # another field of a JSONL or TFDS corpus: other text
+        stem += "-" + _slug(data.text_field)
+    if data.tokenizer_max_sentences != DEFAULT_MAX_SENTENCES:  # another sample: other pieces
+        stem += f"-s{data.tokenizer_max_sentences}"
+    return os.path.join(cache, f"{stem}-{data.tokenizer_model_type}{data.vocab_size}.model")
+
+
 def _train_and_prepare(data, workdir: str) -> PretrainingCorpus:
     from flaxbert.data.prepare import prepare
     from flaxbert.tokenizer import train_tokenizer
 
     cache = data.cache_dir or os.path.join(workdir, CACHE_SUBDIR)
     os.makedirs(cache, exist_ok=True)
-    stem = _slug(data.corpus)
-    if data.text_field != "text":  # another field of a JSONL or TFDS corpus: other text
-        stem += "-" + _slug(data.text_field)
-    tokenizer = data.tokenizer or os.path.join(
-        cache, f"{stem}-{data.tokenizer_model_type}{data.vocab_size}.model"
-    )
+    tokenizer = data.tokenizer or cached_tokenizer_path(data, cache)
     if not os.path.exists(tokenizer):
         if data.tokenizer and not data.tokenizer.endswith(".model"):
             raise ConfigError(
@@ -256,7 +265,7 @@ def _train_and_prepare(data, workdir: str) -> PretrainingCorpus:
         "min_split_documents": MIN_SPLIT_DOCUMENTS,
     }
     options_tag = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:6]
-    output = os.path.join(cache, f"{stem}-prepared-{tokenizer_tag}-{options_tag}")
+    output = os.path.join(cache, f"{_slug(data.corpus)}-prepared-{tokenizer_tag}-{options_tag}")
     prepare(
         data.corpus,
         tokenizer,
