@@ -382,18 +382,19 @@ def test_wordpiece_tokenizer_encodes_like_bert_with_offsets(tmp_path):
         load_tokenizer(hf_order)
 
 
-def test_sentencepiece_checkpoint_exports_with_its_model(hf, tmp_path, caplog):
-    *_, st_dir = hf
+def _sentencepiece_workdir(st_dir, tmp_path):
+    """A workdir whose checkpoint has a 300-piece SentencePiece tokenizer: the converted
+    tiny model with its vocabulary rows (and MLM bias) redrawn for it. Returns
+    (workdir, tokenizer model path, params)."""
     corpus = tmp_path / "corpus.txt"
     lines = (" ".join(f"w{(i * 7 + j * 13) % 499}q" for j in range(9)) for i in range(600))
     corpus.write_text("\n".join(lines))
     sp = train_tokenizer([str(corpus)], 300, str(tmp_path / "sp"), num_threads=1)
-    assert isinstance(load_tokenizer(sp), Tokenizer)
     converted = import_hf(str(st_dir), str(tmp_path / "conv"))
     params = read_params(converted.step_dir)
     rng = np.random.default_rng(0)
     params["bert"]["embeddings"]["word_embeddings"] = rng.normal(size=(300, 32)).astype(np.float32)
-    params["mlm_output_bias"] = np.zeros(300, np.float32)
+    params["mlm_output_bias"] = rng.normal(size=300).astype(np.float32)
     meta = ckpt.read_meta(converted.workdir)[1]
     meta["model"]["vocab_size"] = 300
     workdir = tmp_path / "sp_run"
@@ -402,6 +403,13 @@ def test_sentencepiece_checkpoint_exports_with_its_model(hf, tmp_path, caplog):
     c = ckpt.Checkpoints(str(workdir / "checkpoints"), async_save=False)
     c.save(0, params, {"x": np.zeros(())}, meta)
     c.close()
+    return workdir, sp, params
+
+
+def test_sentencepiece_checkpoint_exports_with_its_model(hf, tmp_path, caplog):
+    *_, st_dir = hf
+    workdir, sp, _ = _sentencepiece_workdir(st_dir, tmp_path)
+    assert isinstance(load_tokenizer(sp), Tokenizer)
     with caplog.at_level(logging.WARNING, logger="flaxbert"):
         result = export_hf(str(workdir), str(tmp_path / "out"))
     assert result.tokenizer == "sentencepiece"
@@ -704,23 +712,7 @@ def test_sentencepiece_export_imports_back(hf, tmp_path):
     """A SentencePiece checkpoint -> convert --to-hf -> convert --from-hf: the same
     parameters and the same tokenizer (the same ids for the same text)."""
     *_, st_dir = hf
-    corpus = tmp_path / "corpus.txt"
-    lines = (" ".join(f"w{(i * 7 + j * 13) % 499}q" for j in range(9)) for i in range(600))
-    corpus.write_text("\n".join(lines))
-    sp = train_tokenizer([str(corpus)], 300, str(tmp_path / "sp"), num_threads=1)
-    params = read_params(import_hf(str(st_dir), str(tmp_path / "conv")).workdir)
-    rng = np.random.default_rng(0)
-    params["bert"]["embeddings"]["word_embeddings"] = rng.normal(size=(300, 32)).astype(np.float32)
-    params["mlm_output_bias"] = rng.normal(size=300).astype(np.float32)
-    meta = ckpt.read_meta(str(tmp_path / "conv"))[1]
-    meta["model"]["vocab_size"] = 300
-    workdir = tmp_path / "sp_run"
-    workdir.mkdir()
-    meta["tokenizer"] = ckpt.keep_tokenizer(str(workdir), sp)
-    c = ckpt.Checkpoints(str(workdir / "checkpoints"), async_save=False)
-    c.save(0, params, {"x": np.zeros(())}, meta)
-    c.close()
-
+    workdir, _, params = _sentencepiece_workdir(st_dir, tmp_path)
     assert export_hf(str(workdir), str(tmp_path / "hf")).tokenizer == "sentencepiece"
     result = import_hf(str(tmp_path / "hf"), str(tmp_path / "back"))
     assert result.tokenizer == "sentencepiece" and result.casing is None
