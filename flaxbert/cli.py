@@ -60,7 +60,9 @@ def nothing_half_made(workdir: str, keep: tuple[str, ...] = ()):
     the run made it) and puts back a config.json it overwrote, so the next run starts as if
     this one never happened. Entries named in `keep` stay when they hold anything: a cache
     of finished work (the tokenizer and prepared data in WORKDIR/data) that the next run
-    reuses. Another exception (a bug, an interrupt) leaves everything as it is to look at."""
+    reuses. Once a checkpoint has been written nothing is removed (a mistake found late, say
+    in the final test evaluation, must not cost the training). Another exception (a bug, an
+    interrupt) leaves everything as it is to look at."""
     existed = os.path.isdir(workdir)
     before = set(os.listdir(workdir)) if existed else set()
     config_json = os.path.join(workdir, "config.json")
@@ -71,7 +73,11 @@ def nothing_half_made(workdir: str, keep: tuple[str, ...] = ()):
     try:
         yield
     except user_errors():
-        if _is_chief() and os.path.isdir(workdir):
+        # A run that got as far as a checkpoint is not half-made: its training is kept.
+        trained = os.path.isdir(ckpts := os.path.join(workdir, "checkpoints")) and any(
+            n.isdigit() for n in os.listdir(ckpts)
+        )
+        if _is_chief() and os.path.isdir(workdir) and not trained:
             for name in sorted(set(os.listdir(workdir)) - before):
                 path = os.path.join(workdir, name)
                 if name in keep and os.path.isdir(path) and os.listdir(path):

@@ -326,3 +326,20 @@ def test_sweep_summary_refuses_an_unknown_metric_and_keeps_its_figure(data, tmp_
     line = assert_one_clean_error(result, "sweep-summary", "eval/no_such_metric")
     assert "no point" in line
     assert (root / "summary.png").read_bytes() == figure
+
+
+def test_a_mistake_found_after_a_checkpoint_keeps_the_training(tmp_path):
+    from flaxbert.cli import nothing_half_made
+    from flaxbert.config import ConfigError
+
+    fresh, trained = tmp_path / "fresh", tmp_path / "trained"
+    for workdir, step in ((fresh, None), (trained, "5")):
+        with pytest.raises(ConfigError), nothing_half_made(str(workdir), keep=("data",)):
+            (workdir / "checkpoints").mkdir(parents=True)
+            (workdir / "metrics.jsonl").write_text("{}\n")
+            if step:
+                (workdir / "checkpoints" / step).mkdir()
+            raise ConfigError("config key data.test_file='x': no such file")
+    assert not fresh.exists()
+    assert sorted(os.listdir(trained)) == ["checkpoints", "metrics.jsonl"]
+    assert os.listdir(trained / "checkpoints") == ["5"]
