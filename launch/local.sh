@@ -44,14 +44,17 @@ stop_all() {
 }
 trap 'stop_all; exit 130' INT TERM
 
-quiet='/^\[Gloo\] Rank [0-9]* is connected to [0-9]* peer ranks/d'
+quiet='/\[Gloo\]/d; /peer ranks/d; /^[0-9[:space:]]*$/d'
 for ((i = 0; i < n; i++)); do
   env_i=(FLAXBERT_COORDINATOR="127.0.0.1:$port" FLAXBERT_NUM_PROCESSES="$n" FLAXBERT_PROCESS_ID="$i")
   if ((per)); then
     env_i+=(CUDA_VISIBLE_DEVICES="$(IFS=,; echo "${gpus[*]:i*per:per}")")
   fi
-  # gloo (the CPU collectives) prints a "[Gloo] Rank R is connected to P peer ranks" line
-  # per rank for every communicator it sets up: noise, dropped here.
+  # gloo (the CPU collectives) prints a "[Gloo] Rank R is connected to P peer ranks. ..."
+  # line per rank, from several threads at once, so the lines arrive interleaved and broken
+  # ("[Gloo] Rank 2 is connected to [Gloo] Rank 3 ...", then "3 peer ranks. ...", or a bare
+  # "7"): every such piece, and any line of bare numbers, is dropped here (flaxbert's own
+  # log lines all start with a time stamp).
   env "${env_i[@]}" "$@" > >(sed -u -e "$quiet" -e "s/^/[$i] /") \
     2> >(sed -u -e "$quiet" -e "s/^/[$i] /" >&2) &
   live[$!]=$i
