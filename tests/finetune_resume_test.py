@@ -13,7 +13,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from shared_data import DATA, corpus_head
+from shared_data import DATA, corpus_head, require
 
 from flaxbert import checkpoint as ckpt
 from flaxbert import finetune as finetune_lib
@@ -30,8 +30,7 @@ POISONED = 2  # 1-based step whose batch gives a NaN loss (train.nonfinite=skip)
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
-    if not (DATA / "tasks" / "stsb").is_dir():
-        pytest.skip(f"the shared tasks are absent ({DATA / 'tasks'})")
+    require(DATA / "tasks" / "stsb")  # skips off CI, fails under CI
     tmp = tmp_path_factory.mktemp("sp")
     text = corpus_head("en_gutenberg.txt", 1500, tmp / "en.txt")
     return train_tokenizer([str(text)], 1000, str(tmp / "sp"), max_sentences=4000, num_threads=1)
