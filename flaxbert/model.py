@@ -20,6 +20,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from flaxbert import attention
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("", "xla", "cudnn")
 # Activation checkpointing of each transformer block: '' keeps every activation for the
@@ -228,19 +230,25 @@ class SelfAttention(nn.Module):
         q_BLNH = nn.with_logical_constraint(project("query")(x_BLD), qkv_axes)
         k_BLNH = nn.with_logical_constraint(project("key")(x_BLD), qkv_axes)
         v_BLNH = nn.with_logical_constraint(project("value")(x_BLD), qkv_axes)
-        if deterministic or cfg.attention_dropout_rate == 0.0:
-            impl = cfg.attention_impl or None
-            out_BLNH = jax.nn.dot_product_attention(
-                q_BLNH, k_BLNH, v_BLNH, mask=mask_B1QL, implementation=impl
-            )
-        else:
-            # Dropout on the attention probabilities needs them materialised, which the fused
-            # kernel never does; set model.attention_dropout_rate=0 to train on the fused path.
-            scores_BNLL = jnp.einsum("blnh,bmnh->bnlm", q_BLNH, k_BLNH).astype(jnp.float32)
-            scores_BNLL = jnp.where(mask_B1QL, scores_BNLL * h**-0.5, jnp.finfo(jnp.float32).min)
-            probs_BNLL = jax.nn.softmax(scores_BNLL, axis=-1).astype(cfg.dtype)
-            probs_BNLL = nn.Dropout(cfg.attention_dropout_rate)(probs_BNLL, deterministic=False)
-            out_BLNH = jnp.einsum("bnlm,bmnh->blnh", probs_BNLL, v_BLNH)
+        dropout = not deterministic and cfg.attention_dropout_rate > 0.0
+        choice = attention.choose_attention(
+            backend=attention.platform(),
+            dtype=cfg.dtype,
+            packed=mask_B1QL.shape[2] > 1,
+            dropout=dropout,
+            jax_version=jax.__version__,
+            requested=cfg.attention_impl,
+            head_dim=h,
+        )
+        drop = nn.Dropout(cfg.attention_dropout_rate)
+        out_BLNH = attention.attend(
+            q_BLNH,
+            k_BLNH,
+            v_BLNH,
+            mask_B1QL=mask_B1QL,
+            choice=choice,
+            dropout=(lambda p_BNLL: drop(p_BNLL, deterministic=False)) if dropout else None,
+        )
 
         out_BLNH = nn.with_logical_constraint(out_BLNH, qkv_axes)
         return nn.DenseGeneral(
