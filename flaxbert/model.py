@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from flaxbert import attention
+from flaxbert.dropout import Dropout
 
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTION_IMPLS = ("", "xla", "cudnn")
@@ -183,7 +184,7 @@ class Embeddings(nn.Module):
             cfg.param_dtype,
         )
         self.layer_norm = _layer_norm(cfg, "layer_norm")
-        self.dropout = nn.Dropout(cfg.hidden_dropout_rate)
+        self.dropout = Dropout(cfg.hidden_dropout_rate)
 
     def _table(self, table, name: str):
         # Gathered over the model axis before the lookup (as fsdp does with every weight):
@@ -240,7 +241,7 @@ class SelfAttention(nn.Module):
             requested=cfg.attention_impl,
             head_dim=h,
         )
-        drop = nn.Dropout(cfg.attention_dropout_rate)
+        drop = Dropout(cfg.attention_dropout_rate)
         out_BLNH = attention.attend(
             q_BLNH,
             k_BLNH,
@@ -272,7 +273,7 @@ class TransformerLayer(nn.Module):
         cfg = self.config
         act_axes = ("batch", "length", "embed")
         attn_BLD = SelfAttention(cfg, name="attention")(x_BLD, mask_B1QL, deterministic)
-        attn_BLD = nn.Dropout(cfg.hidden_dropout_rate)(attn_BLD, deterministic=deterministic)
+        attn_BLD = Dropout(cfg.hidden_dropout_rate)(attn_BLD, deterministic=deterministic)
         x_BLD = _layer_norm(cfg, "attention_layer_norm")(x_BLD + attn_BLD)
         x_BLD = nn.with_logical_constraint(x_BLD, act_axes)
 
@@ -280,7 +281,7 @@ class TransformerLayer(nn.Module):
         h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
         h_BLF = nn.gelu(h_BLF, approximate=False)
         h_BLD = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h_BLF)
-        h_BLD = nn.Dropout(cfg.hidden_dropout_rate)(h_BLD, deterministic=deterministic)
+        h_BLD = Dropout(cfg.hidden_dropout_rate)(h_BLD, deterministic=deterministic)
         x_BLD = _layer_norm(cfg, "output_layer_norm")(x_BLD + h_BLD)
         return nn.with_logical_constraint(x_BLD, act_axes)
 
@@ -644,7 +645,7 @@ class BertForSequenceClassification(nn.Module):
 
     def setup(self):
         self.bert = BertModel(self.config)
-        self.dropout = nn.Dropout(self.config.hidden_dropout_rate)
+        self.dropout = Dropout(self.config.hidden_dropout_rate)
         self.classifier = _dense(
             self.config, self.num_labels, ("embed_out", "classes"), "classifier"
         )
@@ -679,7 +680,7 @@ class BertForTokenClassification(nn.Module):
 
     def setup(self):
         self.bert = BertModel(self.config, add_pooler=False)
-        self.dropout = nn.Dropout(self.config.hidden_dropout_rate)
+        self.dropout = Dropout(self.config.hidden_dropout_rate)
         self.classifier = _dense(self.config, self.num_labels, ("embed", "classes"), "classifier")
 
     def __call__(self, input_ids, input_mask, segment_ids, deterministic: bool = True):
