@@ -7,6 +7,7 @@ fits, and with the data loader in the loop.
         --config.model.vocab_size=30522 --config.model.dtype=bfloat16 --max-batch --loader
     python benchmarks/train_throughput.py --config configs/pretrain.py:tiny --steps 3 \
         --warmup 1 --compare-hf --loader --max-batch --memory-gb 2     # a quick check on a CPU
+    python benchmarks/train_throughput.py --config configs/pretrain.py:mini --compare-torch
 
 The step is built and compiled as `flaxbert pretrain` builds it: the same config file and
 `--config.KEY=VALUE` overrides, the same strategy over every device JAX sees. Its time is the
@@ -40,6 +41,27 @@ is known (CPUs).
 same sizes, batches, optimizer (`flaxbert.train.make_optimizer`), dropout, dtype and devices,
 its loss the cross-entropy of its (B, S, V) logits at the masked positions plus NSP; the last
 line is then `step_time_ratio_vs_hf=<flaxbert median step time / transformers' one>`.
+
+--compare-torch times transformers' PyTorch BertForPreTraining (`benchmarks/torch_reference.py`:
+SDPA attention, AdamW with the same hyper-parameters and clipping, the same dropout; bfloat16
+through torch.autocast when model.dtype is bfloat16; on the GPU JAX uses, else on the CPU) on
+the same host batches, in the same process, its steps alternated with flaxbert's: flaxbert step
+i (waited for with `jax.block_until_ready`), then torch step i (waited for by reading its loss),
+so both see the same machine load. After --warmup untimed pairs (flaxbert compiled before
+them), each of the --steps pairs gives a ratio flaxbert time / torch time; the last line is
+`step_time_ratio_vs_torch=<the median of those ratios>` (below 1: flaxbert is faster). The
+table's "transformers (PyTorch)" row is torch's median step time, its model TFLOP/s from the
+same formula (transformers does more: vocabulary logits at every position). Unpacked batches
+only. Threads: torch gets as many as XLA:CPU uses, the CPUs this process may run on
+(`os.sched_getaffinity`); --threads N first restricts the process to N of them, before JAX
+starts its CPU backend, since XLA:CPU sizes its pool from them (jax 0.10.2 has no flag for
+it: XLA_FLAGS' `intra_op_parallelism_threads=N` is ignored after another flag), and gives
+torch N.
+The notes print both counts, XLA's counted from its threads (Linux), and the load average:
+on a machine shared with other work, more threads than free cores cost torch's OpenMP far
+more than XLA's pool (seen on a loaded 2-core machine: torch's tiny step 4-8x slower with 2
+threads than with 1, flaxbert's up to 2x), so compare there with --threads 1.
+
 --loader times the loop with the prefetching loader building each batch, as `pretrain()` runs
 it, against the same loop on pre-loaded batches. --max-batch bisects for the largest global
 batch whose compiled step (XLA's memory analysis, as `flaxbert compile`) fits in the device's
@@ -69,6 +91,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from benchmarks.torch_reference import TorchBert, mlm_labels, torch_version_line
 from flaxbert import train
 from flaxbert.cli import split_config_overrides
 from flaxbert.config import ConfigError, load_config, require
@@ -85,6 +108,7 @@ PEAK_TFLOPS = {
     "A100": {"16bit": 312.0, "tf32": 156.0, "fp32": 19.5},
 }
 SMALL_CORPUS = "--config.data.synthetic_documents=500"
+TORCH_SYSTEM = "transformers (PyTorch)"
 MAX_BATCH_CEILING = 1 << 20  # --max-batch stops doubling here
 
 
@@ -188,22 +212,53 @@ def peak_tflops(peak_flag: float | None, dtype: str) -> tuple[float | None, str]
 # ------------------------------------------------------------------------------ timing
 
 
+def compile_step(step, state, batch, rng, devices: int) -> tuple[float | None, float]:
+    """(XLA's FLOP count of the compiled step, all devices, or None; seconds to compile)."""
+    start = time.perf_counter()
+    per_device = xla_flops(step.lower(state, batch, rng).compile())
+    compile_s = time.perf_counter() - start
+    return (None if per_device is None else per_device * devices), compile_s
+
+
+def run_step(step, state, batch, rng):
+    """One step, waited for: (state, metrics, seconds)."""
+    start = time.perf_counter()
+    state, metrics = step(state, batch, rng)
+    jax.block_until_ready((state.step, metrics))
+    return state, metrics, time.perf_counter() - start
+
+
 def compile_and_time(name, step, state, batches, rng, warmup, devices: int):
     """Compiles `step` (reading XLA's FLOP count), then runs one step per batch, each waited
     for; the steps after `warmup` are timed."""
-    start = time.perf_counter()
-    per_device = xla_flops(step.lower(state, batches[0], rng).compile())
-    compile_s = time.perf_counter() - start
-    flops = None if per_device is None else per_device * devices
+    flops, compile_s = compile_step(step, state, batches[0], rng, devices)
     times, first_loss = [], None
     for batch in batches:
-        start = time.perf_counter()
-        state, metrics = step(state, batch, rng)
-        jax.block_until_ready((state.step, metrics))
-        times.append(time.perf_counter() - start)
+        state, metrics, seconds = run_step(step, state, batch, rng)
+        times.append(seconds)
         if first_loss is None:
             first_loss = _scalar(metrics["loss"])
     return state, Timing(name, times[warmup:], times[0], first_loss, flops, compile_s)
+
+
+def compile_and_pair(step, state, batches, rng, ref: TorchBert, host_batches, warmup, devices):
+    """Compiles flaxbert's `step`, then runs it and `ref`'s step alternately on the same
+    batches (flaxbert step i, then torch step i, each waited for); the pairs after `warmup`
+    are timed. Returns (state, flaxbert's Timing, torch's Timing)."""
+    flops, compile_s = compile_step(step, state, batches[0], rng, devices)
+    torch_batches = [ref.batch(b) for b in host_batches]
+    flax_s, torch_s, first_losses = [], [], None
+    for batch, torch_batch in zip(batches, torch_batches, strict=True):
+        state, metrics, seconds = run_step(step, state, batch, rng)
+        flax_s.append(seconds)
+        start = time.perf_counter()
+        torch_loss = ref.step(torch_batch)  # a float: the step has finished
+        torch_s.append(time.perf_counter() - start)
+        if first_losses is None:
+            first_losses = (_scalar(metrics["loss"]), torch_loss)
+    flax = Timing("flaxbert", flax_s[warmup:], flax_s[0], first_losses[0], flops, compile_s)
+    torch_timing = Timing(TORCH_SYSTEM, torch_s[warmup:], torch_s[0], first_losses[1], None)
+    return state, flax, torch_timing
 
 
 def time_loop(step, state, batches, rng, warmup: int, steps: int) -> tuple[object, float]:
@@ -226,18 +281,40 @@ def time_loop(step, state, batches, rng, warmup: int, steps: int) -> tuple[objec
     return state, float(np.median(np.diff(done)))
 
 
-def bench_flaxbert(bench: Bench, args) -> tuple[Timing, dict | None]:
+@dataclasses.dataclass
+class FlaxbertRun:
+    timing: Timing
+    loader: dict | None = None  # --loader
+    torch: Timing | None = None  # --compare-torch: the steps paired with flaxbert's
+
+    @property
+    def pair_ratios(self) -> list[float]:
+        """flaxbert's step time / torch's, pair by pair (--compare-torch)."""
+        return [
+            f / t for f, t in zip(self.timing.step_times_s, self.torch.step_times_s, strict=True)
+        ]
+
+
+def bench_flaxbert(bench: Bench, args, ref: TorchBert | None = None) -> FlaxbertRun:
+    """flaxbert's step timed alone, or paired with `ref`'s (--compare-torch); then --loader."""
     setup = bench.setup
     parallel = setup.parallel
     state = setup.create_state(jax.random.key(bench.config.train.seed))
     step = setup.compile_train_step(state)
     rng = parallel.put_replicated(jax.random.key(1))
     batches = [parallel.put_batch(b) for b in bench.host_batches]
-    state, timing = compile_and_time(
-        "flaxbert", step, state, batches, rng, args.warmup, parallel.num_devices
-    )
+    if ref is None:
+        state, timing = compile_and_time(
+            "flaxbert", step, state, batches, rng, args.warmup, parallel.num_devices
+        )
+        run = FlaxbertRun(timing)
+    else:
+        state, timing, torch_timing = compile_and_pair(
+            step, state, batches, rng, ref, bench.host_batches, args.warmup, parallel.num_devices
+        )
+        run = FlaxbertRun(timing, torch=torch_timing)
     if not args.loader:
-        return timing, None
+        return run
     log("timing the loop with the data loader")
     state, preloaded_s = time_loop(step, state, iter(batches), rng, args.warmup, args.steps)
     source = prefetch(bench.loader.batch, range(len(batches)), bench.config.data.prefetch)
@@ -246,28 +323,26 @@ def bench_flaxbert(bench: Bench, args) -> tuple[Timing, dict | None]:
         state, loader_s = time_loop(step, state, device_batches, rng, args.warmup, args.steps)
     finally:
         source.close()
-    return timing, {
+    run.loader = {
         "preloaded_ms_per_step": 1e3 * preloaded_s,
         "loader_ms_per_step": 1e3 * loader_s,
         "overhead_pct": 100 * (loader_s - preloaded_s) / preloaded_s,
         "host_build_ms_per_batch": 1e3 * bench.build_s_per_batch,
         "prefetch": bench.config.data.prefetch,
     }
+    return run
 
 
 def hf_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A flaxbert batch as transformers takes it: MLM labels over every position, -100 where
     nothing is predicted."""
     b, s = batch["input_ids"].shape
-    labels = np.full((b, s), -100, np.int32)
-    rows, cols = np.nonzero(batch["masked_lm_weights"] > 0)
-    labels[rows, batch["masked_lm_positions"][rows, cols]] = batch["masked_lm_ids"][rows, cols]
     return {
         "input_ids": batch["input_ids"],
         "attention_mask": batch["input_mask"],
         "token_type_ids": batch["segment_ids"],
         "position_ids": np.broadcast_to(np.arange(s, dtype=np.int32), (b, s)).copy(),
-        "labels": labels,
+        "labels": mlm_labels(batch),
         "next_sentence_label": batch["next_sentence_labels"],
     }
 
@@ -346,6 +421,114 @@ def bench_hf(bench: Bench, args) -> Timing:
     batches = [jax.device_put(hf_batch(b), rows) for b in bench.host_batches]
     step = jax.jit(hf_train_step, donate_argnums=(0,))
     return compile_and_time("transformers", step, state, batches, rng, args.warmup, mesh.size)[1]
+
+
+# ----------------------------------------------------------------------- PyTorch reference
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on: XLA:CPU sizes its thread pool from them."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def limit_cpus(n: int) -> None:
+    """--threads N: this process runs on the first N of its CPUs from now on. Before JAX
+    starts its CPU backend, that makes XLA:CPU's thread pool N threads (seen in jax 0.10.2)."""
+    if not hasattr(os, "sched_setaffinity"):
+        log(f"--threads {n}: this OS cannot restrict a process's CPUs; only torch gets {n}")
+        return
+    cpus = sorted(os.sched_getaffinity(0))
+    if n > len(cpus):
+        raise ConfigError(f"--threads {n}: this process may run on {len(cpus)} CPUs only")
+    os.sched_setaffinity(0, cpus[:n])
+
+
+def xla_cpu_threads() -> int | None:
+    """Threads of XLA:CPU's pool in this process (named tf_XLAEigen), counted on Linux once
+    the backend has started; None where they cannot be counted."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return None
+    count = 0
+    for task in tasks:
+        try:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                count += f.read().strip() == "tf_XLAEigen"
+        except OSError:  # the thread has ended
+            pass
+    return count or None
+
+
+def check_torch_devices() -> None:
+    """--compare-torch on an accelerator compares one device with one device."""
+    devices = jax.devices()
+    if devices[0].platform not in ("cpu", "gpu"):
+        raise ConfigError(
+            f"--compare-torch compares on a CPU or a GPU; JAX runs on {devices[0].platform}"
+        )
+    if devices[0].platform == "gpu" and len(devices) > 1:
+        raise ConfigError(
+            f"--compare-torch: flaxbert would run on {len(devices)} GPUs and torch on one; "
+            "compare on one GPU (CUDA_VISIBLE_DEVICES=0)"
+        )
+
+
+def make_torch_reference(bench: Bench, args) -> tuple[TorchBert, int]:
+    """(the PyTorch reference on the device JAX uses, torch's default thread count)."""
+    import torch
+
+    default_threads = torch.get_num_threads()
+    device = "cpu"
+    if jax.devices()[0].platform == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "--compare-torch: JAX runs on a GPU but this torch has no CUDA (a CPU build); "
+                "install a CUDA build of torch, or compare on the CPU with JAX_PLATFORMS=cpu"
+            )
+        device = "cuda"
+    m = bench.model_config
+    ref = TorchBert(
+        m,
+        bench.config.train,
+        device=device,
+        autocast_dtype=None if m.dtype == "float32" else m.dtype,
+        threads=args.threads or cpu_count(),
+        seed=bench.config.train.seed,
+    )
+    return ref, default_threads
+
+
+def torch_lines(run: FlaxbertRun, ref: TorchBert, default_threads: int, args) -> list[str]:
+    ratios = run.pair_ratios
+    of_medians = run.timing.median_s / run.torch.median_s
+    if ref.device.type == "cpu":
+        xla = xla_cpu_threads()
+        xla_text = "not counted" if xla is None else f"{xla} (its tf_XLAEigen pool, counted)"
+        threads = (
+            f"threads: XLA:CPU {xla_text}, torch {ref.threads} (torch.set_num_threads; its "
+            f"default here {default_threads}); {cpu_count()} CPUs for this process"
+            + (f" (--threads {args.threads})" if args.threads else "")
+        )
+        if hasattr(os, "getloadavg"):
+            threads += (
+                f"; load average {os.getloadavg()[0]:.1f} over the last minute on "
+                f"{os.cpu_count()} CPUs"
+            )
+    else:
+        threads = f"torch on {ref.device}, flaxbert on {jax.devices()[0].device_kind}"
+    return [
+        f"--compare-torch: transformers' PyTorch BertForPreTraining (SDPA attention, "
+        f"{'float32' if ref.autocast_dtype is None else 'autocast ' + ref.autocast_dtype}, "
+        f"{ref.device}) on the same batches, its steps alternated with flaxbert's; "
+        f"{len(ratios)} timed pairs after {args.warmup} warm-up pairs; per-pair ratio "
+        f"flaxbert/torch min {min(ratios):.3f}, median {np.median(ratios):.3f}, max "
+        f"{max(ratios):.3f} (ratio of the medians {of_medians:.3f}); transformers computes "
+        "vocabulary logits at all L positions, flaxbert at the P masked ones",
+        threads,
+    ]
 
 
 # ----------------------------------------------------------------------------- max batch
@@ -492,6 +675,8 @@ def parse_args(argv: list[str]):
     )
     switches = {
         "--compare-hf": "also time transformers' FlaxBertForPreTraining on the same work",
+        "--compare-torch": "also time transformers' PyTorch BertForPreTraining, its steps "
+        "alternated with flaxbert's",
         "--max-batch": "find the largest global batch whose compiled step fits in memory",
         "--loader": "also time the loop with the data loader building the batches",
     }
@@ -504,10 +689,19 @@ def parse_args(argv: list[str]):
         "the device's bytes_limit; required on a CPU)",
     )
     p.add_argument("--peak-tflops", type=float, help="peak TFLOP/s of one device, for MFU")
+    p.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="run on N CPUs: XLA:CPU's pool and torch's threads (default: every CPU this "
+        "process may use, for both)",
+    )
     p.add_argument("--json", metavar="PATH", help="also write every result as JSON")
     args = p.parse_args(rest)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be >= 1")
     if not any(o.split("=")[0] == SMALL_CORPUS.split("=")[0] for o in overrides):
         overrides = [SMALL_CORPUS, *overrides]
     return args, overrides
@@ -520,7 +714,9 @@ def summary_lines(args, overrides, bench: Bench, flops: dict, peak_line: str) ->
     real_fraction = float(np.mean(masks > 0))
     pairs = float(np.mean(masks.max(-1)))  # packed rows number their pairs 1..K
     versions = f"jax {jax.__version__}, flax {flax.__version__}, optax {optax.__version__}"
-    if args.compare_hf:
+    if args.compare_torch:
+        versions += f", {torch_version_line()}"
+    elif args.compare_hf:
         import transformers
 
         versions += f", transformers {transformers.__version__}"
@@ -570,24 +766,37 @@ def run(args, overrides: list[str]) -> dict:
     config = load_config(args.config, overrides)
     # What can fail is checked before any work.
     limit = memory_limit(args.memory_gb) if args.max_batch else None
-    if args.compare_hf:
+    for flag, wanted in (
+        ("--compare-hf", args.compare_hf),
+        ("--compare-torch", args.compare_torch),
+    ):
         require(
-            not config.data.packing,
+            not (wanted and config.data.packing),
             "data.packing",
             True,
-            "--compare-hf times unpacked batches (transformers has no packing); leave it off",
+            f"{flag} times unpacked batches (transformers has no packing); leave it off",
         )
+    if args.compare_hf:
         hf_classes()
+    if args.compare_torch:
+        torch_version_line()  # SystemExit with install advice when torch is missing
+        check_torch_devices()
     with tempfile.TemporaryDirectory(prefix="train_throughput_") as workdir:
         bench = prepare(config, workdir, args.warmup + args.steps)
         t, d = config.train, config.data
         parallel = bench.setup.parallel
         log(f"timing flaxbert: {t.batch_size} x {d.max_seq_length}, {parallel.description}")
-        timing, loader = bench_flaxbert(bench, args)
-        timings = [timing]
+        ref = None
+        if args.compare_torch:
+            ref, torch_default_threads = make_torch_reference(bench, args)
+            log("pairing its steps with transformers' PyTorch BertForPreTraining")
+        flaxbert = bench_flaxbert(bench, args, ref)
+        timings, loader = [flaxbert.timing], flaxbert.loader
         if args.compare_hf:
             log("timing transformers' FlaxBertForPreTraining")
             timings.append(bench_hf(bench, args))
+        if args.compare_torch:
+            timings.append(flaxbert.torch)
         max_batch = None
         if args.max_batch:
             log("searching the largest batch that fits")
@@ -611,10 +820,16 @@ def run(args, overrides: list[str]) -> dict:
         "loader": loader,
         "max_batch": max_batch,
     }
+    if args.compare_torch:
+        lines += torch_lines(flaxbert, ref, torch_default_threads, args)
     if args.compare_hf:
         ratio = timings[0].median_s / timings[1].median_s
         result["step_time_ratio_vs_hf"] = ratio
         lines.append(f"step_time_ratio_vs_hf={ratio:.3f}")
+    if args.compare_torch:  # the last line
+        ratio = float(np.median(flaxbert.pair_ratios))
+        result.update(step_time_ratio_vs_torch=ratio, torch_pair_ratios=flaxbert.pair_ratios)
+        lines.append(f"step_time_ratio_vs_torch={ratio:.3f}")
     print_report(rows, lines)
     return result
 
@@ -622,6 +837,8 @@ def run(args, overrides: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if args.threads:
+            limit_cpus(args.threads)  # before JAX starts its CPU backend
         result = run(args, overrides)
     except ConfigError as e:
         print(f"train_throughput: error: {e}", file=sys.stderr)
