@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -110,16 +111,7 @@ class BertConfig:
         return cls(**dict(values))
 
 
-class _LogicallyPartitioned(nn.LogicallyPartitioned):
-    """Flax's DenseGeneral unboxes its kernel and bias while still flat (a (D, N*H) kernel
-    named ('embed', 'heads', 'kv')) to reshape them, also in the shape check of every
-    `apply`; under a mesh the constraint would reject that rank. That unbox goes unconstrained
-    (the reshaped parameter is then constrained as usual)."""
-
-    def unbox(self, apply_constraint=True):
-        if jnp.ndim(self.value) != len(self.names):
-            return self.value
-        return super().unbox(apply_constraint)
+_LogicallyPartitioned = nn.LogicallyPartitioned
 
 
 def _partitioned(init, names: tuple[str | None, ...]):
@@ -146,15 +138,88 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
     )
 
 
-def _dense(config: BertConfig, features: int, names: tuple[str, str], name: str) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=config.dtype,
-        param_dtype=config.param_dtype,
-        kernel_init=_dense_init(config, names),
-        bias_init=_zeros(names[1:]),
-        name=name,
-    )
+@jax.custom_vjp
+def _rows_matmul(x_RI, w_IO):
+    """x_RI @ w_IO, with its weight gradient taken in the orientation XLA:CPU runs fastest.
+
+    Autodiff's weight gradient is the (I, O) matrix x^T g; XLA:CPU (jax 0.10) computes it at
+    about half speed when I > O (measured: (4096, 1024)^T (4096, 256) 40-48 ms against 23-27
+    ms for the (256, 1024) product on one core), and folds a transpose of the other product
+    back into it. So for I > O the gradient is (g^T x)^T, the product kept apart by an
+    optimization barrier. Same values (a sum over the same rows); CPU only (`Projection`)."""
+    return x_RI @ w_IO
+
+
+def _rows_matmul_fwd(x_RI, w_IO):
+    return x_RI @ w_IO, (x_RI, w_IO)
+
+
+def _rows_matmul_bwd(residuals, g_RO):
+    x_RI, w_IO = residuals
+    dx_RI = g_RO @ w_IO.T
+    if w_IO.shape[0] > w_IO.shape[1]:
+        dw_IO = jax.lax.optimization_barrier(g_RO.T @ x_RI).T
+    else:
+        dw_IO = x_RI.T @ g_RO
+    return dx_RI, dw_IO
+
+
+_rows_matmul.defvjp(_rows_matmul_fwd, _rows_matmul_bwd)
+
+
+class Projection(nn.Module):
+    """An affine map of the last axes: x (..., *in_shape) -> (..., *out_shape), computed as one
+    2-D matmul (every leading axis flattened into the rows) plus a bias.
+
+    The parameters are those of flax's Dense / DenseGeneral, under the same names and shapes:
+    `kernel` (*in_shape, *out_shape), initialised on the flat (prod(in), prod(out)) matrix and
+    reshaped as DenseGeneral does (so initial values and checkpoints are unchanged), and `bias`
+    out_shape. Why not those modules: their matmul contracts x's feature axes directly, and the
+    weight gradient then contracts over both B and L; XLA:CPU (jax 0.10) runs that one outside
+    its fast YNNPACK path and with an extra transpose of the activations. Flattened rows give
+    a plain (B·L, in) x (in, out) matmul whose gradients are plain matmuls too (measured by
+    `benchmarks/cpu_levers.py`; see the README, "Speed on the CPU"). Compute in `dtype`.
+    """
+
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    names: tuple[str | None, ...]  # logical axes of the kernel; the bias takes the out ones
+    config: BertConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        n_in, n_out = math.prod(self.in_shape), math.prod(self.out_shape)
+        normal = nn.initializers.truncated_normal(stddev=cfg.initializer_range)
+
+        def kernel_init(key, shape, dtype):
+            return _LogicallyPartitioned(
+                normal(key, (n_in, n_out), dtype).reshape(shape), self.names
+            )
+
+        kernel = self.param(
+            "kernel", kernel_init, (*self.in_shape, *self.out_shape), cfg.param_dtype
+        )
+        bias = self.param(
+            "bias", _zeros(self.names[len(self.in_shape) :]), self.out_shape, cfg.param_dtype
+        )
+        lead = x.shape[: x.ndim - len(self.in_shape)]
+        if x.shape[len(lead) :] != tuple(self.in_shape):
+            raise ValueError(
+                f"{self.name}: input of shape {x.shape} does not end in {self.in_shape}"
+            )
+        rows_R = x.reshape(-1, n_in).astype(cfg.dtype)
+        matmul = _rows_matmul if jax.default_backend() == "cpu" else jnp.matmul
+        y_R = matmul(rows_R, kernel.reshape(n_in, n_out).astype(cfg.dtype))
+        y_R = y_R + bias.reshape(n_out).astype(cfg.dtype)
+        return y_R.reshape(*lead, *self.out_shape)
+
+
+def _dense(
+    config: BertConfig, features: int, names: tuple[str, str], name: str, inputs: int = 0
+) -> Projection:
+    """A Dense layer from `inputs` (default: the hidden size) to `features`."""
+    return Projection((inputs or config.hidden_size,), (features,), names, config, name=name)
 
 
 class Embeddings(nn.Module):
@@ -218,14 +283,7 @@ class SelfAttention(nn.Module):
         n, h = cfg.num_heads, cfg.head_dim
 
         def project(name):
-            return nn.DenseGeneral(
-                (n, h),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                name=name,
-                kernel_init=_dense_init(cfg, ("embed", "heads", "kv")),
-                bias_init=_zeros(("heads", "kv")),
-            )
+            return Projection((cfg.hidden_size,), (n, h), ("embed", "heads", "kv"), cfg, name=name)
 
         qkv_axes = ("batch", "length", "heads", "kv")
         q_BLNH = nn.with_logical_constraint(project("query")(x_BLD), qkv_axes)
@@ -252,15 +310,9 @@ class SelfAttention(nn.Module):
         )
 
         out_BLNH = nn.with_logical_constraint(out_BLNH, qkv_axes)
-        return nn.DenseGeneral(
-            cfg.hidden_size,
-            axis=(-2, -1),
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_dense_init(cfg, ("heads", "kv", "embed")),
-            bias_init=_zeros(("embed",)),
-            name="output",
-        )(out_BLNH)
+        return Projection((n, h), (cfg.hidden_size,), ("heads", "kv", "embed"), cfg, name="output")(
+            out_BLNH
+        )
 
 
 class TransformerLayer(nn.Module):
@@ -280,7 +332,9 @@ class TransformerLayer(nn.Module):
         h_BLF = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(x_BLD)
         h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
         h_BLF = nn.gelu(h_BLF, approximate=False)
-        h_BLD = _dense(cfg, cfg.hidden_size, ("mlp", "embed"), "output")(h_BLF)
+        h_BLD = _dense(
+            cfg, cfg.hidden_size, ("mlp", "embed"), "output", inputs=cfg.intermediate_size
+        )(h_BLF)
         h_BLD = Dropout(cfg.hidden_dropout_rate)(h_BLD, deterministic=deterministic)
         x_BLD = _layer_norm(cfg, "output_layer_norm")(x_BLD + h_BLD)
         return nn.with_logical_constraint(x_BLD, act_axes)

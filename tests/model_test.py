@@ -328,3 +328,47 @@ def test_inputs_beyond_the_tables_are_refused():
     )
     out = model.apply({"params": params}, ids, mask, seg, jnp.full((2, 16), 15, jnp.int32))
     assert np.isfinite(np.asarray(out.sequence_BLD)).all()
+
+
+@pytest.mark.parametrize(
+    "in_shape, out_shape, flax_module",
+    [
+        ((16,), (40,), lambda: nn.Dense(40)),  # I < O: the feed-forward intermediate
+        ((40,), (16,), lambda: nn.Dense(16)),  # I > O: the feed-forward output
+        ((16,), (4, 8), lambda: nn.DenseGeneral((4, 8))),  # query / key / value
+        ((4, 8), (16,), lambda: nn.DenseGeneral(16, axis=(-2, -1))),  # attention output
+    ],
+)
+def test_projection_is_flax_dense_computed_as_one_matmul(in_shape, out_shape, flax_module):
+    """flaxbert's Projection (rows flattened into one matmul; on the CPU its weight gradient
+    taken in XLA:CPU's fast orientation) has flax Dense / DenseGeneral's parameters, initial
+    values, outputs and gradients."""
+    from flaxbert.model import Projection
+
+    cfg = BertConfig(hidden_size=16, num_heads=4, initializer_range=0.5)
+    names = ("a", "b", "c")[: len(in_shape) + len(out_shape)]
+    ours = Projection(in_shape, out_shape, names, cfg)
+    theirs = flax_module()
+    theirs = theirs.clone(kernel_init=nn.initializers.truncated_normal(stddev=0.5))
+    x = jax.random.normal(jax.random.key(0), (3, 5, *in_shape))
+    p_theirs = theirs.init(jax.random.key(1), x)["params"]
+    p_ours = nn.unbox(ours.init(jax.random.key(1), x)["params"])
+    assert jax.tree.map(jnp.shape, p_ours) == jax.tree.map(jnp.shape, p_theirs)
+    np.testing.assert_array_equal(p_ours["kernel"], p_theirs["kernel"])  # same initial values
+    # A bias that is not zero, the same for both from here on.
+    params = dict(p_theirs, bias=jax.random.normal(jax.random.key(2), p_theirs["bias"].shape))
+
+    def loss(module, p, x):
+        y = module.apply({"params": p}, x)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape))
+
+    for argnums in (0, 1):  # the gradients of the parameters and of the input
+        g_ours = jax.jit(jax.grad(lambda p, x: loss(ours, p, x), argnums))(params, x)
+        g_theirs = jax.grad(lambda p, x: loss(theirs, p, x), argnums)(params, x)
+        for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_theirs), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(
+        ours.apply({"params": params}, x), theirs.apply({"params": params}, x), rtol=1e-5
+    )
+    with pytest.raises(ValueError, match="does not end in"):
+        ours.apply({"params": params}, jnp.ones((3, 7)))
