@@ -3,11 +3,12 @@
 `flax.linen.Dropout` draws a 32-bit uniform float per element (`jax.random.bernoulli`). On a
 CPU those bits are most of what dropout costs: BERT drops after the embeddings, after every
 attention output and feed-forward output, and on every attention probability, so a mini
-(L4 H256) step at batch 32 x seq 128 draws ~17 M values. Threefry, JAX's counter-based
-generator, yields 32 bits per evaluation; split into two 16-bit halves, each evaluation
-serves two elements, which halves the generator's work (measured: see README, "Speed on the
-CPU"). The counter-based, sharding-independent stream (`jax_threefry_partitionable`) is kept,
-so the masks stay the same on any mesh and for any (seed, step), as before.
+(L4 H256) step at batch 32 x seq 128 draws ~17 M values. Threefry-2x32, JAX's counter-based
+generator, yields 64 bits per evaluation (JAX's 32-bit draw XORs them into one word); split
+into four 16-bit quarters, each evaluation serves four elements, a quarter of the generator's
+work (measured: `benchmarks/cpu_levers.py`, README "Speed on the CPU"). The counters are the
+elements' indices, as in JAX's partitionable threefry (`jax_threefry_partitionable`), so the
+masks are the same on any mesh and a pure function of the key, hence of (seed, step).
 
 The drop probability is `rate` rounded to a multiple of 2^-16 (for 0.1: 6554 / 65536 =
 0.1000061; the rounding error is at most 7.7e-6), and kept values are scaled by the
@@ -20,8 +21,11 @@ Shape suffixes as in `flaxbert.model`.
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 DROPOUT_BITS = 16  # random bits per element
@@ -42,22 +46,48 @@ def keep_probability(rate: float) -> float:
     return 1.0 - drop_threshold(rate) / _LEVELS
 
 
+def _threefry_words(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """Both 32-bit output words of Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers:
+    as easy as 1, 2, 3") at every counter of `shape`: counter = the row-major index of the
+    element, as JAX's partitionable threefry numbers them, so each shard computes its own part
+    and the result does not depend on the sharding. (JAX's own 32-bit draw XORs the two words
+    into one; keeping both gives twice the bits per evaluation.)"""
+    k1, k2 = jax.random.key_data(key)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return jax.extend.random.threefry2x32_p.bind(k1, k2, jnp.zeros_like(index), index)
+
+
+def _is_threefry(key: jax.Array) -> bool:
+    return "threefry" in str(jax.random.key_impl(key))
+
+
 def keep_mask(key: jax.Array, shape: tuple[int, ...], rate: float) -> jax.Array:
     """A boolean mask of `shape`, True (keep) with probability `keep_probability(rate)`,
     independently per element.
 
-    Threefry draws 32-bit words along the last axis, ceil(last / 2) of them per row; each word
-    is split into its two 16-bit halves, element 2j of a row taking word j's first half and
-    element 2j+1 its second (an odd last axis drops the last half of its last word). An element
-    is dropped when its half is below `drop_threshold(rate)`.
+    Each row (the last axis) is read off ceil(last / 4) Threefry evaluations, each giving two
+    32-bit words, each word two 16-bit halves: element 4j + i takes half i of evaluation j
+    (the tail of the last evaluation is unused when 4 does not divide the row). An element is
+    dropped when its half is below `drop_threshold(rate)`. With a non-threefry key (another
+    `jax_default_prng_impl`), or 2^32 counters or more, the halves come from
+    `jax.random.bits` 32-bit words instead (two elements a word). Raises ValueError for a rate
+    outside [0, 1).
     """
+    threshold = jnp.uint16(drop_threshold(rate))
     if not shape:
         return keep_mask(key, (1,), rate)[0]
     *rows, last = shape
-    words = jax.random.bits(key, (*rows, -(-last // 2)), jnp.uint32)
-    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # (..., words, 2)
-    halves = halves.reshape(*rows, 2 * words.shape[-1])[..., :last]
-    return halves >= jnp.uint16(drop_threshold(rate))
+    if _is_threefry(key) and math.prod(rows) * -(-last // 4) < 2**32:
+        words = jnp.stack(_threefry_words(key, (*rows, -(-last // 4))), axis=-1)  # (..., w, 2)
+    else:
+        words = jax.random.bits(key, (*rows, -(-last // 2)), jnp.uint32)
+    halves = jax.lax.bitcast_convert_type(words, jnp.uint16)  # (..., w, [2,] 2)
+    halves = halves.reshape(*rows, -1)[..., :last]
+    return halves >= threshold
 
 
 class Dropout(nn.Module):

@@ -75,7 +75,7 @@ def test_the_same_key_gives_the_same_mask_and_odd_shapes_work():
     b = keep_mask(jax.random.key(3), (4, 7, 33), 0.1)
     assert a.shape == (4, 7, 33)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # An odd last axis is the even one's prefix: each row is read off the same words.
+    # A row is read off ceil(last / 4) evaluations: 33 and 34 use the same ones.
     wide = keep_mask(jax.random.key(3), (4, 7, 34), 0.1)
     np.testing.assert_array_equal(np.asarray(a), np.asarray(wide)[..., :33])
     assert keep_mask(jax.random.key(3), (), 0.1).shape == ()
