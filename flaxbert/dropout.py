@@ -25,7 +25,6 @@ import math
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 
 DROPOUT_BITS = 16  # random bits per element
@@ -46,19 +45,51 @@ def keep_probability(rate: float) -> float:
     return 1.0 - drop_threshold(rate) / _LEVELS
 
 
+# Threefry-2x32 with 20 rounds (Salmon, Moraes, Dror and Shaw 2011, "Parallel random
+# numbers: as easy as 1, 2, 3", SC'11; the Random123 specification): rotation constants of the
+# even and odd groups of four rounds, and the key-schedule parity constant.
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_KEY_PARITY = 0x1BD11BDA
+
+
+def _rotl(v, r: int):
+    return (v << jnp.uint32(r)) | (v >> jnp.uint32(32 - r))
+
+
+def threefry2x32(k0, k1, x0, x1) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 (20 rounds) of the counter pairs (x0, x1) under the key (k0, k1), all
+    uint32 (any broadcastable shapes): the two output words.
+
+    Bit for bit the function of JAX's `threefry2x32_p` (tests/dropout_test.py checks it), but
+    written as plain element-wise operations: on the CPU JAX lowers that primitive as a rolled
+    loop over the rounds, each pass writing whole arrays, whereas these unrolled rounds fuse
+    with the comparison and the select of dropout into one pass over the elements (3x faster
+    for a mini step's masks; `benchmarks/cpu_levers.py`).
+    """
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(_KEY_PARITY))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):  # 5 groups of 4 rounds, a key injection after each
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = _rotl(x1, r) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
+    return x0, x1
+
+
 def _threefry_words(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Both 32-bit output words of Threefry-2x32 (Salmon et al. 2011, "Parallel random numbers:
-    as easy as 1, 2, 3") at every counter of `shape`: counter = the row-major index of the
-    element, as JAX's partitionable threefry numbers them, so each shard computes its own part
-    and the result does not depend on the sharding. (JAX's own 32-bit draw XORs the two words
-    into one; keeping both gives twice the bits per evaluation.)"""
+    """Both 32-bit output words of Threefry-2x32 at every counter of `shape`: counter = the
+    row-major index of the element (high word 0), as JAX's partitionable threefry numbers them,
+    so each shard computes its own part and the result does not depend on the sharding. (JAX's
+    own 32-bit draw XORs the two words into one; keeping both gives twice the bits per
+    evaluation.)"""
     k1, k2 = jax.random.key_data(key)
     index = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for axis in reversed(range(len(shape))):
         index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
         stride *= shape[axis]
-    return jax.extend.random.threefry2x32_p.bind(k1, k2, jnp.zeros_like(index), index)
+    return threefry2x32(k1, k2, jnp.zeros((), jnp.uint32), index)
 
 
 def _is_threefry(key: jax.Array) -> bool:

@@ -126,3 +126,25 @@ def test_each_layer_keeps_its_own_stream():
 
     a, b = Two().apply({}, jnp.ones((64, 64)), rngs={"dropout": jax.random.key(0)})
     assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_threefry_is_jax_s_bit_for_bit():
+    """flaxbert's unrolled Threefry-2x32 gives JAX's primitive's words, and the masks are the
+    16-bit quarters of those words."""
+    import jax.extend
+
+    key = jax.random.key(42)
+    k0, k1 = jax.random.key_data(key)
+    hi = jax.random.bits(jax.random.key(1), (1000,), jnp.uint32)
+    lo = jnp.arange(1000, dtype=jnp.uint32)
+    theirs = jax.extend.random.threefry2x32_p.bind(k0, k1, hi, lo)
+    ours = jax.jit(dropout.threefry2x32)(k0, k1, hi, lo)
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # The mask of a (2, 8) array: 2 evaluations a row, counters 0..3.
+    words = jax.extend.random.threefry2x32_p.bind(
+        k0, k1, jnp.zeros(4, jnp.uint32), jnp.arange(4, dtype=jnp.uint32)
+    )
+    quarters = np.stack([np.asarray(w) for w in words], -1).view(np.uint16).reshape(2, 8)
+    expected = quarters >= drop_threshold(0.5)
+    np.testing.assert_array_equal(np.asarray(keep_mask(key, (2, 8), 0.5)), expected)
