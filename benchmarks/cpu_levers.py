@@ -18,7 +18,10 @@ Three tables:
    by round.
 2. Train-step variants, each paired with torch: flaxbert as it is; with flax.linen.Dropout
    (what flaxbert used before); with a fused QKV projection (one (D, 3·N·H) matmul instead of
-   three: a benchmark-only variant, its parameter tree differs); without dropout (a different
+   three: a benchmark-only variant, its parameter tree differs); with the dense layers computed
+   as flax's Dense / DenseGeneral compute them (what flaxbert did before
+   `flaxbert.model.Projection`); with the rows flattened but the weight gradient left in
+   autodiff's orientation (no `_rows_matmul`); without dropout (a different
    model: what dropout costs). Each round runs every variant's step then torch's, each waited
    for, so all see the same load; a variant's figure is the median over rounds of its time /
    that round's torch time. torch gets as many threads as XLA:CPU uses.
@@ -172,7 +175,8 @@ def time_masks(config, rounds: int) -> list[dict]:
 
 
 class FusedQKVSelfAttention(nn.Module):
-    """flaxbert's SelfAttention with one (D, 3, N, H) projection (benchmark-only variant)."""
+    """flaxbert's SelfAttention with one (D, 3, N, H) Projection for query, key and value
+    (benchmark-only variant)."""
 
     config: fmodel.BertConfig
 
@@ -180,8 +184,8 @@ class FusedQKVSelfAttention(nn.Module):
     def __call__(self, x_BLD, mask_B1QL, deterministic: bool):
         cfg = self.config
         n, h = cfg.num_heads, cfg.head_dim
-        qkv_BL3NH = nn.DenseGeneral(
-            (3, n, h), dtype=cfg.dtype, param_dtype=cfg.param_dtype, name="qkv"
+        qkv_BL3NH = fmodel.Projection(
+            (cfg.hidden_size,), (3, n, h), ("embed", None, "heads", "kv"), cfg, name="qkv"
         )(x_BLD)
         q_BLNH, k_BLNH, v_BLNH = (qkv_BL3NH[:, :, i] for i in range(3))
         active = not deterministic and cfg.attention_dropout_rate > 0.0
@@ -203,13 +207,40 @@ class FusedQKVSelfAttention(nn.Module):
             choice=choice,
             dropout=(lambda p: drop(p, deterministic=False)) if active else None,
         )
-        return nn.DenseGeneral(
-            cfg.hidden_size, axis=(-2, -1), dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        return fmodel.Projection(
+            (n, h), (cfg.hidden_size,), ("heads", "kv", "embed"), cfg, name="output"
         )(out_BLNH)
+
+
+class TensordotProjection(fmodel.Projection):
+    """flaxbert's Projection computed as flax's Dense / DenseGeneral compute it: the feature
+    axes contracted in place (one dot_general over (B, L, in) x (in, out)), not flattened
+    into rows first (benchmark-only variant: what flaxbert did before)."""
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        kernel = self.param(
+            "kernel",
+            nn.initializers.zeros_init(),
+            (*self.in_shape, *self.out_shape),
+            cfg.param_dtype,
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), self.out_shape, cfg.param_dtype)
+        y = jnp.tensordot(x.astype(cfg.dtype), kernel.astype(cfg.dtype), len(self.in_shape))
+        return y + bias.astype(cfg.dtype)
 
 
 VARIANTS = {
     "flaxbert (as shipped)": ({}, []),
+    "dense layers as flax's (feature axes contracted in place; before)": (
+        {"Projection": TensordotProjection},
+        [],
+    ),
+    "rows flattened, weight gradient in autodiff's orientation": (
+        {"_rows_matmul": jnp.matmul},
+        [],
+    ),
     "with flax.linen.Dropout (32-bit masks; before)": ({"Dropout": nn.Dropout}, []),
     "with a fused QKV projection": ({"SelfAttention": FusedQKVSelfAttention}, []),
     "without dropout (another model: what dropout costs)": (
