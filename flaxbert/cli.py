@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flaxbert.features import add_extract_features_parser, run_extract_features
 
     add_extract_features_parser(commands).set_defaults(func=run_extract_features)
+    from flaxbert.fill_mask import add_fill_mask_parser, run_fill_mask
+
+    add_fill_mask_parser(commands).set_defaults(func=run_fill_mask)
     from flaxbert.convert import add_convert_parser, run_convert
 
     add_convert_parser(commands).set_defaults(func=run_convert)
