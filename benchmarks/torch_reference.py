@@ -79,6 +79,25 @@ def _no_decay(name: str) -> bool:
     return name.endswith("bias") or "LayerNorm" in name
 
 
+def hf_config_kwargs(m: BertConfig) -> dict:
+    """transformers' `BertConfig` arguments for flaxbert's `model_config` `m` (the same
+    sizes, exact (erf) GELU, dropout rates, initialiser range and LayerNorm epsilon)."""
+    return dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        intermediate_size=m.intermediate_size,
+        hidden_act="gelu",  # exact (erf) GELU, as flaxbert
+        hidden_dropout_prob=m.hidden_dropout_rate,
+        attention_probs_dropout_prob=m.attention_dropout_rate,
+        max_position_embeddings=m.max_position_embeddings,
+        type_vocab_size=m.type_vocab_size,
+        initializer_range=m.initializer_range,
+        layer_norm_eps=m.layer_norm_eps,
+    )
+
+
 class TorchBert:
     """transformers' `BertForPreTraining` and its AdamW optimizer, sized as `model_config`
     and configured as `train_config` (a flaxbert `config.train`); see the module docstring."""
@@ -107,21 +126,7 @@ class TorchBert:
             t.optimizer,
             "the PyTorch reference trains with AdamW (torch has no LAMB); set it to adamw",
         )
-        hf_config = transformers.BertConfig(
-            vocab_size=m.vocab_size,
-            hidden_size=m.hidden_size,
-            num_hidden_layers=m.num_layers,
-            num_attention_heads=m.num_heads,
-            intermediate_size=m.intermediate_size,
-            hidden_act="gelu",  # exact (erf) GELU, as flaxbert
-            hidden_dropout_prob=m.hidden_dropout_rate,
-            attention_probs_dropout_prob=m.attention_dropout_rate,
-            max_position_embeddings=m.max_position_embeddings,
-            type_vocab_size=m.type_vocab_size,
-            initializer_range=m.initializer_range,
-            layer_norm_eps=m.layer_norm_eps,
-            attn_implementation="sdpa",
-        )
+        hf_config = transformers.BertConfig(**hf_config_kwargs(m), attn_implementation="sdpa")
         torch.manual_seed(seed)
         self.model = transformers.BertForPreTraining(hf_config).to(self.device)
         self.model.train()

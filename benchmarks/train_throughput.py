@@ -91,7 +91,12 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from benchmarks.torch_reference import TorchBert, mlm_labels, torch_version_line
+from benchmarks.torch_reference import (
+    TorchBert,
+    hf_config_kwargs,
+    mlm_labels,
+    torch_version_line,
+)
 from flaxbert import train
 from flaxbert.cli import split_config_overrides
 from flaxbert.config import ConfigError, load_config, require
@@ -362,20 +367,7 @@ def bench_hf(bench: Bench, args) -> Timing:
     jitted with the state donated, data-parallel over the same devices."""
     HFBertConfig, FlaxBertForPreTraining = hf_classes()
     m = bench.model_config
-    hf_config = HFBertConfig(
-        vocab_size=m.vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        intermediate_size=m.intermediate_size,
-        hidden_act="gelu",  # exact (erf) GELU, as flaxbert
-        hidden_dropout_prob=m.hidden_dropout_rate,
-        attention_probs_dropout_prob=m.attention_dropout_rate,
-        max_position_embeddings=m.max_position_embeddings,
-        type_vocab_size=m.type_vocab_size,
-        initializer_range=m.initializer_range,
-        layer_norm_eps=m.layer_norm_eps,
-    )
+    hf_config = HFBertConfig(**hf_config_kwargs(m))
     model = FlaxBertForPreTraining(hf_config, seed=0, dtype=jnp.dtype(m.dtype), _do_init=True)
     module, params = model.module, flax.core.unfreeze(model.params)
     _, tx = train.make_optimizer(bench.config.train)
