@@ -10,8 +10,9 @@ and the BERT paper: tiny (L2 H128 A2), mini (L4 H256 A4), small (L4 H512 A8),
 medium (L8 H512 A8), base (L12 H768 A12), large (L24 H1024 A16); intermediate size 4H.
 
 Expect: `tiny` on the embedded synthetic corpus (the default, `data.corpus=''`) takes
-5-7.5 minutes on a 2-core CPU and ends with held-out MLM accuracy ~0.57 and NSP accuracy
-~0.89 (measured 2026-11-25). `mini,corpus=ko` / `mini,corpus=en` for 750 steps (~25 min on
+about 3.5 minutes of training on a 2-core CPU (196 s, measured 2026-12-01; 5-7.5 minutes
+before the CPU speed work of issue 15) and ends with held-out MLM accuracy ~0.54-0.57 and
+NSP accuracy ~0.89. `mini,corpus=ko` / `mini,corpus=en` for 750 steps (~25 min on
 that CPU) reach MLM 0.11 / 0.14 and NSP 0.47 / 0.54: real text needs far longer runs.
 """
 

@@ -7,11 +7,24 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import logging  # noqa: E402
 import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _root_log_handlers_restored():
+    """Each test leaves the root logger's handlers as it found them. `flaxbert.cli.main` run in
+    a test process calls `logging.basicConfig(force=True)`, whose handler writes to that
+    test's captured stderr; once the capture is closed, any later log record (in another test
+    of the same worker) would print a 'Logging error' traceback into that test's stderr."""
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    yield
+    root.handlers[:] = handlers
 
 
 @pytest.fixture(scope="session")
