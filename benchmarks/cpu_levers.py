@@ -52,7 +52,6 @@ import numpy as np
 
 from benchmarks import train_throughput as tt
 from benchmarks.torch_reference import TorchBert, torch_version_line
-from flaxbert import attention
 from flaxbert import dropout as fdropout
 from flaxbert import model as fmodel
 from flaxbert.cli import split_config_overrides
@@ -188,25 +187,7 @@ class FusedQKVSelfAttention(nn.Module):
             (cfg.hidden_size,), (3, n, h), ("embed", None, "heads", "kv"), cfg, name="qkv"
         )(x_BLD)
         q_BLNH, k_BLNH, v_BLNH = (qkv_BL3NH[:, :, i] for i in range(3))
-        active = not deterministic and cfg.attention_dropout_rate > 0.0
-        choice = attention.choose_attention(
-            backend=attention.platform(),
-            dtype=cfg.dtype,
-            packed=mask_B1QL.shape[2] > 1,
-            dropout=active,
-            jax_version=jax.__version__,
-            requested=cfg.attention_impl,
-            head_dim=h,
-        )
-        drop = fdropout.Dropout(cfg.attention_dropout_rate)
-        out_BLNH = attention.attend(
-            q_BLNH,
-            k_BLNH,
-            v_BLNH,
-            mask_B1QL=mask_B1QL,
-            choice=choice,
-            dropout=(lambda p: drop(p, deterministic=False)) if active else None,
-        )
+        out_BLNH = fmodel.attend_heads(cfg, q_BLNH, k_BLNH, v_BLNH, mask_B1QL, deterministic)
         return fmodel.Projection(
             (n, h), (cfg.hidden_size,), ("heads", "kv", "embed"), cfg, name="output"
         )(out_BLNH)

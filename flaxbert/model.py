@@ -272,6 +272,31 @@ class Embeddings(nn.Module):
         return jnp.einsum("bpd,vd->bpv", x_BPD, table_VD)
 
 
+def attend_heads(cfg: BertConfig, q_BLNH, k_BLNH, v_BLNH, mask_B1QL, deterministic: bool):
+    """Multi-head attention of q, k, v (B, L, N, H) under `mask_B1QL`, with the implementation
+    `flaxbert.attention.choose_attention` picks and attention-probability dropout while
+    training. Called inside a module's compact method: its Dropout is that module's."""
+    dropout = not deterministic and cfg.attention_dropout_rate > 0.0
+    choice = attention.choose_attention(
+        backend=attention.platform(),
+        dtype=cfg.dtype,
+        packed=mask_B1QL.shape[2] > 1,
+        dropout=dropout,
+        jax_version=jax.__version__,
+        requested=cfg.attention_impl,
+        head_dim=q_BLNH.shape[-1],
+    )
+    drop = Dropout(cfg.attention_dropout_rate)
+    return attention.attend(
+        q_BLNH,
+        k_BLNH,
+        v_BLNH,
+        mask_B1QL=mask_B1QL,
+        choice=choice,
+        dropout=(lambda p_BNLL: drop(p_BNLL, deterministic=False)) if dropout else None,
+    )
+
+
 class SelfAttention(nn.Module):
     config: BertConfig
 
@@ -289,25 +314,7 @@ class SelfAttention(nn.Module):
         q_BLNH = nn.with_logical_constraint(project("query")(x_BLD), qkv_axes)
         k_BLNH = nn.with_logical_constraint(project("key")(x_BLD), qkv_axes)
         v_BLNH = nn.with_logical_constraint(project("value")(x_BLD), qkv_axes)
-        dropout = not deterministic and cfg.attention_dropout_rate > 0.0
-        choice = attention.choose_attention(
-            backend=attention.platform(),
-            dtype=cfg.dtype,
-            packed=mask_B1QL.shape[2] > 1,
-            dropout=dropout,
-            jax_version=jax.__version__,
-            requested=cfg.attention_impl,
-            head_dim=h,
-        )
-        drop = Dropout(cfg.attention_dropout_rate)
-        out_BLNH = attention.attend(
-            q_BLNH,
-            k_BLNH,
-            v_BLNH,
-            mask_B1QL=mask_B1QL,
-            choice=choice,
-            dropout=(lambda p_BNLL: drop(p_BNLL, deterministic=False)) if dropout else None,
-        )
+        out_BLNH = attend_heads(cfg, q_BLNH, k_BLNH, v_BLNH, mask_B1QL, deterministic)
 
         out_BLNH = nn.with_logical_constraint(out_BLNH, qkv_axes)
         return Projection((n, h), (cfg.hidden_size,), ("heads", "kv", "embed"), cfg, name="output")(
