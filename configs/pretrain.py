@@ -70,6 +70,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.model.attention_impl = ""  # '' = best available; 'xla' | 'cudnn' to force one
     c.model.remat = ""  # '' | full | dots: recompute each block's activations in the backward
     c.model.scan_layers = False  # one nn.scan over the layers: flat compile time in depth
+    # Pre-LayerNorm blocks (and a final LayerNorm); False = the paper's post-LayerNorm.
+    c.model.pre_layer_norm = False
 
     c.data = ml_collections.ConfigDict()
     # '' = the embedded synthetic corpus; else a text file or glob (BERT format: a sentence or
@@ -121,6 +123,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.train.max_grad_norm = 1.0  # global-norm clipping; 0 turns it off
     c.train.grad_accum_steps = 1  # micro-batches per update; batch_size must divide by it
     c.train.seed = 0
+    c.train.nsp_weight = 1.0  # loss = MLM + nsp_weight x NSP; 0 = MLM only (NSP still logged)
     # A non-finite loss or gradient: 'stop' names the step and stops; 'skip' drops the update,
     # counts it (metric skipped_updates) and goes on, stopping after too many in a row. Either
     # way the bad update is never applied, so no checkpoint holds a non-finite state.

@@ -848,6 +848,11 @@ def export_hf(checkpoint: str, out_dir: str) -> ExportResult:
         config = BertConfig.from_dict(meta.get("model") or meta["config"]["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ConversionError(f"{step_dir}: no usable model config in its meta ({e})") from None
+    if config.pre_layer_norm:
+        raise ConversionError(
+            f"{step_dir}: the model has pre-LayerNorm blocks (model.pre_layer_norm=True), which "
+            "transformers' BertModel cannot represent; export works for post-LayerNorm models"
+        )
     out_dir = user_path(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         raise ConversionError(f"--out {out_dir} is not empty; give a new or empty directory")

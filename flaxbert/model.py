@@ -1,5 +1,8 @@
 """BERT in Flax linen: embeddings, post-LayerNorm encoder, pooler, MLM and NSP heads.
 
+`model.pre_layer_norm` switches the blocks to pre-LayerNorm (Xiong et al., 2020, "On Layer
+Normalization in the Transformer Architecture"), with one more LayerNorm after the last block.
+
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
 activations carry logical constraints, so one rules table (see `flaxbert.sharding`) decides
 how the model is laid out on a device mesh. Without a mesh the names cost nothing.
@@ -70,6 +73,12 @@ class BertConfig:
     attention_impl: str = ""  # '' picks the best for the platform; 'xla' or 'cudnn' force one
     remat: str = ""  # '' | 'full' | 'dots': activation checkpointing of each block
     scan_layers: bool = False  # one scanned block (parameters stacked on a `layers` axis)
+    # Pre-LayerNorm blocks, x = x + Attn(LN(x)); x = x + FFN(LN(x)), and a final LayerNorm
+    # (`bert/final_layer_norm`) after the last one (Xiong et al., 2020). Off = the BERT paper's
+    # post-LayerNorm. Pre-LN trains stably at larger learning rates without a long warm-up and
+    # leaves the unigram plateau sooner on short budgets; its checkpoints have no transformers
+    # BertModel equivalent (`flaxbert export` refuses them).
+    pre_layer_norm: bool = False
 
     def __post_init__(self):
         def bad(key, why):
@@ -323,27 +332,35 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """One post-LayerNorm block as in the BERT paper: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
+    """One transformer block. Post-LayerNorm as in the BERT paper (the default):
+    x = LN(x + Attn(x)); x = LN(x + FFN(x)). With `model.pre_layer_norm`:
+    x = x + Attn(LN(x)); x = x + FFN(LN(x)) (Xiong et al., 2020). The two LayerNorms keep
+    their names (`attention_layer_norm`, `output_layer_norm`) in both layouts."""
 
     config: BertConfig
 
     @nn.compact
     def __call__(self, x_BLD, mask_B1QL, deterministic: bool):
         cfg = self.config
+        pre = cfg.pre_layer_norm
         act_axes = ("batch", "length", "embed")
-        attn_BLD = SelfAttention(cfg, name="attention")(x_BLD, mask_B1QL, deterministic)
+        attention_norm = _layer_norm(cfg, "attention_layer_norm")
+        attn_in_BLD = attention_norm(x_BLD) if pre else x_BLD
+        attn_BLD = SelfAttention(cfg, name="attention")(attn_in_BLD, mask_B1QL, deterministic)
         attn_BLD = Dropout(cfg.hidden_dropout_rate)(attn_BLD, deterministic=deterministic)
-        x_BLD = _layer_norm(cfg, "attention_layer_norm")(x_BLD + attn_BLD)
+        x_BLD = x_BLD + attn_BLD if pre else attention_norm(x_BLD + attn_BLD)
         x_BLD = nn.with_logical_constraint(x_BLD, act_axes)
 
-        h_BLF = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(x_BLD)
+        output_norm = _layer_norm(cfg, "output_layer_norm")
+        ffn_in_BLD = output_norm(x_BLD) if pre else x_BLD
+        h_BLF = _dense(cfg, cfg.intermediate_size, ("embed", "mlp"), "intermediate")(ffn_in_BLD)
         h_BLF = nn.with_logical_constraint(h_BLF, ("batch", "length", "mlp"))
         h_BLF = nn.gelu(h_BLF, approximate=False)
         h_BLD = _dense(
             cfg, cfg.hidden_size, ("mlp", "embed"), "output", inputs=cfg.intermediate_size
         )(h_BLF)
         h_BLD = Dropout(cfg.hidden_dropout_rate)(h_BLD, deterministic=deterministic)
-        x_BLD = _layer_norm(cfg, "output_layer_norm")(x_BLD + h_BLD)
+        x_BLD = x_BLD + h_BLD if pre else output_norm(x_BLD + h_BLD)
         return nn.with_logical_constraint(x_BLD, act_axes)
 
 
@@ -425,6 +442,8 @@ class BertModel(nn.Module):
         else:
             block = _block_class(cfg)
             self.layers = [block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+        if cfg.pre_layer_norm:  # pre-LN blocks leave the residual stream un-normalised
+            self.final_layer_norm = _layer_norm(cfg, "final_layer_norm")
         if self.add_pooler:
             self.pooler = _dense(cfg, cfg.hidden_size, ("embed", "embed_out"), "pooler")
 
@@ -466,6 +485,10 @@ class BertModel(nn.Module):
             for layer in self.layers:
                 x_BLD = layer(x_BLD, mask, deterministic)
                 hidden.append(x_BLD)
+        if self.config.pre_layer_norm:
+            x_BLD = self.final_layer_norm(x_BLD)
+            if all_layers:  # the last entry is the encoder's output, as after post-LN blocks
+                hidden[-1] = x_BLD
         pooled_BD = None
         if self.add_pooler and pool:
             if cls_positions is None:

@@ -222,7 +222,11 @@ def nsp_weights(batch) -> jax.Array:
 
 def pretraining_sums(model, params, batch, deterministic: bool, rng=None) -> dict[str, jax.Array]:
     """Summed (not averaged) losses and hits, so micro-batches and devices add up exactly."""
-    out = apply_model(model, params, batch, deterministic, rng)
+    return sums_of_outputs(apply_model(model, params, batch, deterministic, rng), batch)
+
+
+def sums_of_outputs(out, batch) -> dict[str, jax.Array]:
+    """`pretraining_sums` of the model's outputs `out` (a PretrainingOutput) on `batch`."""
     mlm_logits = out.mlm_logits_BPV.astype(jnp.float32)
     weights = batch["masked_lm_weights"].astype(jnp.float32)
     labels = batch["masked_lm_ids"]
@@ -257,9 +261,18 @@ def summarise(sums: dict[str, jax.Array]) -> dict[str, jax.Array]:
 # ------------------------------------------------------------------------------ steps
 
 
-def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: str | None = None):
-    """The pure step. Loss = mean MLM cross-entropy over real predictions + mean NSP
-    cross-entropy; with k micro-batches the gradient equals that of the whole batch.
+def make_train_step(
+    model,
+    tx,
+    schedule,
+    grad_accum_steps: int = 1,
+    axis_name: str | None = None,
+    nsp_weight: float = 1.0,
+):
+    """The pure step. Loss = mean MLM cross-entropy over real predictions + `nsp_weight` x
+    mean NSP cross-entropy (`train.nsp_weight`; the BERT paper sums the two, weight 1; 0 trains
+    the masked LM alone, as RoBERTa does); with k micro-batches the gradient equals that of
+    the whole batch. The logged `loss` stays the unweighted sum, comparable across weights.
 
     With `axis_name` (under `jax.pmap`) each device holds a slice of the global batch: the
     denominators are the global counts and the per-device gradients and sums are summed over
@@ -280,7 +293,8 @@ def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: s
 
         def loss_fn(params, micro, micro_rng):
             sums = pretraining_sums(model, params, micro, False, micro_rng)
-            loss = sums["mlm_loss_sum"] / mlm_denominator + sums["nsp_loss_sum"] / nsp_denominator
+            mlm_loss = sums["mlm_loss_sum"] / mlm_denominator
+            loss = mlm_loss + nsp_weight * sums["nsp_loss_sum"] / nsp_denominator
             return loss, sums
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
@@ -299,8 +313,20 @@ def make_train_step(model, tx, schedule, grad_accum_steps: int = 1, axis_name: s
 
 
 def make_eval_step(model):
+    """`eval_step(params, batch) -> sums`: `pretraining_sums` plus two (V,) histograms over
+    the vocabulary, of the predicted (arg-max) and of the true pieces at the real masked
+    positions, from which `evaluate` reads how varied the predictions are."""
+
     def eval_step(params, batch):
-        return pretraining_sums(model, params, batch, deterministic=True)
+        out = apply_model(model, params, batch, deterministic=True)
+        sums = sums_of_outputs(out, batch)
+        logits_BPV = out.mlm_logits_BPV
+        weights_BP = batch["masked_lm_weights"].astype(jnp.float32)
+        vocab = logits_BPV.shape[-1]
+        predicted_BP = jnp.argmax(logits_BPV, -1)
+        sums["mlm_predicted_histogram"] = jnp.zeros(vocab).at[predicted_BP].add(weights_BP)
+        sums["mlm_target_histogram"] = jnp.zeros(vocab).at[batch["masked_lm_ids"]].add(weights_BP)
+        return sums
 
     return eval_step
 
@@ -395,7 +421,12 @@ def setup_training(
         init_fn=functools.partial(create_train_state, model, tx, seq_len=seq, num_predictions=pred),
         logical_specs=logical_param_specs(model, seq, pred),
         train_step_fn=make_train_step(
-            model, tx, schedule, t.grad_accum_steps, axis_name=parallel.axis_name
+            model,
+            tx,
+            schedule,
+            t.grad_accum_steps,
+            axis_name=parallel.axis_name,
+            nsp_weight=t.nsp_weight,
         ),
         eval_step_fn=make_eval_step(model),
         seq_len=seq,
@@ -470,6 +501,19 @@ def validate_pretrain_config(config: ml_collections.ConfigDict) -> BertConfig:
             "data.masking",
             d.masking,
             "data.packing needs dynamic masking (static masking fixes each instance's length)",
+        )
+    require(t.nsp_weight >= 0, "train.nsp_weight", t.nsp_weight, "must be >= 0 (0 = MLM only)")
+    wanted = math.ceil(d.masked_lm_prob * d.max_seq_length)
+    if d.max_predictions_per_seq < wanted:
+        log.warning(
+            "data.max_predictions_per_seq=%d caps the masked positions below data.masked_lm_prob"
+            "=%g x data.max_seq_length=%d (%d): long pairs get fewer predictions than the rate "
+            "asks; raise data.max_predictions_per_seq to %d to mask at the full rate",
+            d.max_predictions_per_seq,
+            d.masked_lm_prob,
+            d.max_seq_length,
+            wanted,
+            wanted,
         )
     validate_checkpoint_config(config.checkpoint, config.eval.every_steps)
     make_optimizer(t)  # names a bad optimizer or schedule now rather than later
@@ -558,12 +602,38 @@ def make_train_batches(config: ml_collections.ConfigDict, corpus, parallel: Para
     )
 
 
+def prediction_diversity(predicted_V, target_V) -> dict[str, float]:
+    """How varied the masked-LM predictions are, from histograms (V,) over the vocabulary of
+    the arg-max predictions and of the true pieces at the held-out masked positions.
+
+    - `mlm_distinct_predictions`: distinct predicted pieces / distinct true pieces. A model on
+      the unigram plateau (it predicts the frequent pieces whatever the context; accuracy near
+      the share of the most frequent ones) scores near 0; one that reads the context climbs
+      towards 1.
+    - `mlm_top_prediction_share`: the share of all predictions taken by the single most
+      predicted piece (on the plateau often 0.3-1.0).
+    """
+    predicted_V, target_V = np.asarray(predicted_V), np.asarray(target_V)
+    return {
+        "mlm_distinct_predictions": float(
+            np.count_nonzero(predicted_V) / max(np.count_nonzero(target_V), 1)
+        ),
+        "mlm_top_prediction_share": float(predicted_V.max() / max(predicted_V.sum(), 1.0)),
+    }
+
+
 def evaluate(eval_step, params, batches: list[dict]) -> dict[str, float]:
+    """Held-out metrics over `batches`: those of `summarise` and of `prediction_diversity`,
+    keys `eval/<name>`."""
     totals = None
     for batch in batches:
         sums = eval_step(params, batch)
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    return {f"eval/{k}": float(v) for k, v in summarise(totals).items()}
+    predicted_V = totals.pop("mlm_predicted_histogram")
+    target_V = totals.pop("mlm_target_histogram")
+    metrics = {k: float(v) for k, v in summarise(totals).items()}
+    metrics.update(prediction_diversity(jax.device_get(predicted_V), jax.device_get(target_V)))
+    return {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def validate_checkpoint_config(c: ml_collections.ConfigDict, eval_every: int) -> None:

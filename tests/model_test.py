@@ -372,3 +372,86 @@ def test_projection_is_flax_dense_computed_as_one_matmul(in_shape, out_shape, fl
     )
     with pytest.raises(ValueError, match="does not end in"):
         ours.apply({"params": params}, jnp.ones((3, 7)))
+
+
+def _zero_feed_forward_output(params):
+    """Zeroes the feed-forward output projection (`output`, not `attention/output`) of every
+    layer, so that residual branch adds exactly 0."""
+
+    def zero(path, x):
+        names = [getattr(k, "key", "") for k in path]
+        return jnp.zeros_like(x) if names[-2] == "output" and "attention" not in names else x
+
+    return jax.tree_util.tree_map_with_path(zero, params)
+
+
+def _layer_norm_ref(x, scale, bias):
+    return (
+        scale * (x - x.mean(-1, keepdims=True)) / jnp.sqrt(x.var(-1, keepdims=True) + 1e-12) + bias
+    )
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_pre_layer_norm_blocks(scan):
+    """Pre-LN (Xiong et al., 2020): x + Attn(LN(x)) then x + FFN(LN(x)), and one final
+    LayerNorm; post-LN: LN(x + Attn(x)) then LN(x + FFN(x)). Checked on a one-layer encoder
+    whose feed-forward branch is zeroed, against the attention module applied by hand."""
+    from flaxbert.model import SelfAttention, attention_mask
+
+    batch = _inputs()
+    base = {**CFG.__dict__, "num_layers": 1, "scan_layers": scan}
+    pre = BertModel(BertConfig(**{**base, "pre_layer_norm": True}))
+    post = BertModel(BertConfig(**base))
+    args = (batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    pre_params = nn.unbox(pre.init(jax.random.key(0), *args)["params"])
+    post_params = nn.unbox(post.init(jax.random.key(0), *args)["params"])
+    # The same parameter tree plus `final_layer_norm`, and the same initial values.
+    assert set(pre_params) - set(post_params) == {"final_layer_norm"}
+    for a, b in zip(
+        jax.tree.leaves({k: v for k, v in pre_params.items() if k != "final_layer_norm"}),
+        jax.tree.leaves(post_params),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+
+    # Distinct scales and biases: final LN (2, 0.5), the block's attention LN (3, -1).
+    def distinct(path, x):
+        names = [getattr(k, "key", "") for k in path]
+        if names[0] == "final_layer_norm":
+            return x * 0 + (2.0 if names[-1] == "scale" else 0.5)
+        if "attention_layer_norm" in names:
+            return x * 0 + (3.0 if names[-1] == "scale" else -1.0)
+        return x
+
+    mask = attention_mask(batch["input_mask"], packed=False)
+    cfg = BertConfig(**base)
+    for model, params, is_pre in ((pre, pre_params, True), (post, post_params, False)):
+        params = _zero_feed_forward_output(jax.tree_util.tree_map_with_path(distinct, params))
+        layer = params["layers"]["layer"] if scan else params["layer_0"]
+        if scan:
+            layer = jax.tree.map(lambda x: x[0], layer)
+
+        def attn(h, layer=layer):
+            return SelfAttention(cfg).apply({"params": layer["attention"]}, h, mask, True)
+
+        out = model.apply({"params": params}, *args, all_layers=True)
+        e = out.hidden_states[0]
+        if is_pre:
+            expect = _layer_norm_ref(e + attn(_layer_norm_ref(e, 3.0, -1.0)), 2.0, 0.5)
+        else:  # the output LN has scale 1 and bias 0
+            expect = _layer_norm_ref(_layer_norm_ref(e + attn(e), 3.0, -1.0), 1.0, 0.0)
+        np.testing.assert_allclose(out.sequence_BLD, expect, atol=2e-4)
+        np.testing.assert_allclose(out.hidden_states[-1], expect, atol=2e-4)
+
+
+def test_pre_layer_norm_scanned_equals_unrolled():
+    from flaxbert.model import stack_layers
+
+    batch = _inputs()
+    args = (batch["input_ids"], batch["input_mask"], batch["segment_ids"])
+    flat = BertModel(BertConfig(**{**CFG.__dict__, "pre_layer_norm": True}))
+    scanned = BertModel(BertConfig(**{**CFG.__dict__, "pre_layer_norm": True, "scan_layers": True}))
+    params = nn.unbox(flat.init(jax.random.key(1), *args)["params"])
+    expect = flat.apply({"params": params}, *args).sequence_BLD
+    got = scanned.apply({"params": stack_layers(params, CFG.num_layers)}, *args).sequence_BLD
+    np.testing.assert_allclose(got, expect, atol=1e-5)

@@ -173,3 +173,63 @@ def test_train_step_compiles_once(repo_root):
     for i in range(3):
         state, _ = step(state, _batch(8, step=i), jax.random.key(0))
     assert int(state.step) == 3
+
+
+def test_nsp_weight_scales_the_nsp_term_of_the_objective(repo_root):
+    """train.nsp_weight: loss = MLM + w x NSP. With w = 0 the NSP head gets no gradient (its
+    bias, which has no weight decay, stays put); the gradient of w = 2 is that of MLM + 2 NSP,
+    read off the NSP bias (only the NSP term reaches it)."""
+    _, model, schedule, tx, state = _setup(
+        repo_root, max_grad_norm=0.0, weight_decay=0.0, warmup_steps=0, lr_decay="constant"
+    )
+    batch = _batch(8)
+    bias = lambda s: np.asarray(s.params["nsp"]["bias"])  # noqa: E731
+    moved = {}
+    for w in (0.0, 1.0, 2.0):
+        step = jax.jit(train.make_train_step(model, tx, schedule, nsp_weight=w))
+        new, metrics = step(state, batch, jax.random.key(1))
+        moved[w] = bias(new) - bias(state)
+        # The logged loss is the unweighted sum whatever the weight.
+        np.testing.assert_allclose(
+            metrics["loss"], metrics["mlm_loss"] + metrics["nsp_loss"], rtol=1e-6
+        )
+    np.testing.assert_array_equal(moved[0.0], 0.0)
+    assert np.abs(moved[1.0]).min() > 0
+    # Adam's first step moves each parameter by ~lr x sign(g): the same direction for w=1, 2.
+    np.testing.assert_array_equal(np.sign(moved[2.0]), np.sign(moved[1.0]))
+
+
+def test_prediction_diversity_tells_the_unigram_plateau_from_reading_the_context():
+    targets = np.zeros(50)
+    targets[[3, 4, 5, 6, 7, 8, 9, 10]] = [10, 5, 5, 5, 5, 5, 5, 10]  # 8 distinct pieces
+    plateau = np.zeros(50)
+    plateau[3] = 50  # predicts the most frequent piece every time
+    reading = targets.copy()
+    reading[[4, 11]] = [3, 2]  # 9 distinct predictions, the most frequent 10 of 50
+    assert train.prediction_diversity(plateau, targets) == {
+        "mlm_distinct_predictions": 1 / 8,
+        "mlm_top_prediction_share": 1.0,
+    }
+    got = train.prediction_diversity(reading, targets)
+    assert got["mlm_distinct_predictions"] == 9 / 8
+    assert got["mlm_top_prediction_share"] == 10 / 50
+
+
+def test_evaluate_reports_the_diversity_of_masked_predictions(repo_root):
+    _, model, _, _, state = _setup(repo_root)
+    eval_step = jax.jit(train.make_eval_step(model))
+    batches = [_batch(8, step=s) for s in range(2)]
+    metrics = train.evaluate(eval_step, state.params, batches)
+    predicted = []
+    targets = []
+    for b in batches:
+        logits = train.apply_model(model, state.params, b, True).mlm_logits_BPV
+        keep = np.asarray(b["masked_lm_weights"]) > 0
+        predicted += list(np.asarray(jnp.argmax(logits, -1))[keep])
+        targets += list(np.asarray(b["masked_lm_ids"])[keep])
+    counts = np.bincount(predicted)
+    assert metrics["eval/mlm_distinct_predictions"] == pytest.approx(
+        len(set(predicted)) / len(set(targets))
+    )
+    assert metrics["eval/mlm_top_prediction_share"] == pytest.approx(counts.max() / len(predicted))
+    assert {"eval/mlm_accuracy", "eval/nsp_accuracy", "eval/loss"} <= set(metrics)
