@@ -56,6 +56,10 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     # A pre-training workdir, its checkpoints/ dir or one checkpoints/STEP dir; '' = random init.
     c.init_from = ""
     c.init_pooler = True  # also restore the pre-trained pooler (used by [CLS] heads)
+    # Feature-based use (BERT paper 5.3): train the task head alone on the encoder's outputs;
+    # the encoder (`bert`: embeddings, layers, pooler) gets no gradient, no optimizer state and
+    # no dropout. Without init_from the features are random (a baseline; the run warns).
+    c.freeze_encoder = False
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 0  # 0 = the tokenizer's size

@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune: restore the encoder of --config.init_from=PRETRAINING_WORKDIR "
         "(embeddings and layers; the pooler with init_pooler), add a fresh task head, train, "
         "evaluate every epoch, keep the best checkpoint and write predictions. Without "
-        "init_from every parameter starts random (the baseline). Tasks: configs/finetune.py.",
+        "init_from every parameter starts random (the baseline). --config.freeze_encoder=true "
+        "trains the task head alone on the frozen encoder's features. Tasks: "
+        "configs/finetune.py.",
     )
     _config_args(p)
     _distributed_args(p)

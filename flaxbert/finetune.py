@@ -1,6 +1,10 @@
 """Fine-tuning: restore the encoder of a pre-training checkpoint, initialise a fresh task head,
 train, evaluate, keep the best checkpoint, write predictions.
 
+`config.freeze_encoder` trains the task head alone on the encoder's features (the feature-based
+approach, BERT paper section 5.3): the encoder (`bert`) gets no gradient, no optimizer state
+and no dropout.
+
 `finetune(config, workdir)` runs any task kind (`flaxbert.finetune_tasks`) under the same
 strategies (`flaxbert.sharding`) and checkpoints (`flaxbert.checkpoint`) as pre-training:
 re-running the command on the same workdir resumes it. Without `config.init_from` the same
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -30,7 +35,7 @@ from flaxbert.config import ConfigError, require
 from flaxbert.data import tasks
 from flaxbert.data.pretraining import prefetch
 from flaxbert.finetune_tasks import Features, PackedEpochs, make_kind, padded
-from flaxbert.model import STRUCTURAL_KEYS, BertConfig
+from flaxbert.model import STRUCTURAL_KEYS, BertConfig, BertModel
 from flaxbert.monitor import MetricWriter, Progress
 from flaxbert.sharding import Parallel, make_parallel
 from flaxbert.tokenizer import load_tokenizer
@@ -154,26 +159,102 @@ class FinetuneResult:
     state: TrainState | None = None
 
 
-def apply_task_model(model, params, batch, deterministic: bool, rng=None):
+def apply_task_model(
+    model, params, batch, deterministic: bool, rng=None, encoder_deterministic: bool = False
+):
+    """The task model's outputs on `batch`. `encoder_deterministic=True` runs the encoder
+    (`bert`) without dropout even when `deterministic` is False: only the head drops."""
     packed = {k: batch[k] for k in ("position_ids", "cls_positions") if k in batch}
-    return model.apply(
-        {"params": params},
-        batch["input_ids"],
-        batch["input_mask"],
-        batch["segment_ids"],
-        deterministic=deterministic,
-        rngs={"dropout": rng} if rng is not None else None,
-        **packed,  # packed rows ([CLS] tasks with data.packing)
+
+    def run():
+        return model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["input_mask"],
+            batch["segment_ids"],
+            deterministic=deterministic,
+            rngs={"dropout": rng} if rng is not None else None,
+            **packed,  # packed rows ([CLS] tasks with data.packing)
+        )
+
+    if encoder_deterministic and not deterministic:
+        with nn.intercept_methods(_deterministic_encoder):
+            return run()
+    return run()
+
+
+_ENCODER_CALL = inspect.signature(BertModel.__call__)
+
+
+def _deterministic_encoder(next_fun, args, kwargs, context):
+    """A `flax.linen.intercept_methods` interceptor: every `BertModel.__call__` gets
+    `deterministic=True`, however the task head passed it (by position or by name)."""
+    if context.method_name != "__call__" or not isinstance(context.module, BertModel):
+        return next_fun(*args, **kwargs)
+    bound = _ENCODER_CALL.bind(context.module, *args, **kwargs)
+    bound.arguments["deterministic"] = True
+    return next_fun(*bound.args[1:], **bound.kwargs)
+
+
+# ------------------------------------------------------------------------------ frozen encoder
+
+ENCODER = "bert"  # the task models' encoder subtree (what init_from restores)
+
+
+def trainable_params(params, freeze_encoder: bool):
+    """The parameters the optimizer updates: all of `params`, or with `freeze_encoder` the
+    task head alone (every top-level subtree but `bert`). Raises KeyError when
+    `freeze_encoder` is set and `params` has no `bert` subtree."""
+    if not freeze_encoder:
+        return params
+    if ENCODER not in params:
+        raise KeyError(f"freeze_encoder: the parameters have no {ENCODER!r} subtree to freeze")
+    return {k: v for k, v in params.items() if k != ENCODER}
+
+
+def with_trainable(params, trained, freeze_encoder: bool):
+    """`params` with its `trainable_params` part replaced by `trained` (the same tree)."""
+    if not freeze_encoder:
+        return trained
+    return {**trained, ENCODER: params[ENCODER]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamCounts:
+    """Parameter scalars the optimizer updates (`trained`) and those it never sees."""
+
+    trained: int
+    frozen: int
+
+
+def count_params(params, freeze_encoder: bool) -> ParamCounts:
+    """Scalars trained and frozen in `params` (arrays or ShapeDtypeStructs, unreplicated)."""
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    trained = sum(
+        math.prod(x.shape) for x in jax.tree.leaves(trainable_params(params, freeze_encoder))
     )
+    return ParamCounts(trained=trained, frozen=total - trained)
 
 
 def make_finetune_step(
-    model, kind, tx, schedule, axis_name: str | None = None, grad_accum_steps: int = 1
+    model,
+    kind,
+    tx,
+    schedule,
+    axis_name: str | None = None,
+    grad_accum_steps: int = 1,
+    freeze_encoder: bool = False,
 ):
     """`train_step(state, batch, rng) -> (state, metrics)` for any kind: the loss is the
     kind's summed loss over the global count (examples or labelled tokens) of the whole batch,
     so pmap and pjit give the single-device numbers and `grad_accum_steps` micro-batches
     (`flaxbert.train.accumulated_gradients`) the whole batch's gradient.
+
+    With `freeze_encoder` the loss is differentiated with respect to the head alone
+    (`trainable_params`), the encoder closed over and run without dropout: no encoder
+    gradient is computed, `state.opt_state` is the optimizer's state of the head parameters
+    (`tx.init(trainable_params(params, True))`) and `state.params["bert"]` comes out as it
+    went in. `grad_norm` is then the head gradient's norm.
 
     `learning_rate` in the metrics is the one the update applied (the schedule follows
     applied updates: `flaxbert.train.applied_updates`)."""
@@ -186,17 +267,26 @@ def make_finetune_step(
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         denominator = jnp.maximum(global_sum(kind.count(batch).astype(jnp.float32)), 1.0)
+        trained = trainable_params(state.params, freeze_encoder)
 
-        def loss_fn(params, micro, micro_rng):
-            outputs = apply_task_model(model, params, micro, deterministic=False, rng=micro_rng)
+        def loss_fn(trained, micro, micro_rng):
+            params = with_trainable(state.params, trained, freeze_encoder)
+            outputs = apply_task_model(
+                model,
+                params,
+                micro,
+                deterministic=False,
+                rng=micro_rng,
+                encoder_deterministic=freeze_encoder,
+            )
             sums = kind.loss_sums(outputs, micro)
             return sums["loss_sum"] / denominator, sums
 
         grad_fn = jax.grad(loss_fn, has_aux=True)
-        grads, sums = accumulated_gradients(grad_fn, state.params, batch, rng, grad_accum_steps)
+        grads, sums = accumulated_gradients(grad_fn, trained, batch, rng, grad_accum_steps)
         grads, sums = global_sum((grads, sums))
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        updates, opt_state = tx.update(grads, state.opt_state, trained)
+        params = with_trainable(state.params, optax.apply_updates(trained, updates), freeze_encoder)
         metrics = {
             "loss": sums["loss_sum"] / jnp.maximum(sums["count"], 1.0),
             "learning_rate": applied_learning_rate(schedule, state.opt_state),
@@ -303,10 +393,14 @@ def finetune(
     model = kind.model(model_config)
     seq = d.max_seq_length
 
+    freeze = bool(config.freeze_encoder)
+
     def init_fn(rng):
         z = jnp.zeros((1, seq), jnp.int32)
         params = nn.unbox(model.init(rng, z, jnp.ones_like(z), z)["params"])
-        return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params))
+        # Frozen: the optimizer state (moments, weight-decay masks) covers the head alone.
+        opt_state = tx.init(trainable_params(params, freeze))
+        return TrainState(step=jnp.asarray(0, jnp.int32), params=params, opt_state=opt_state)
 
     def boxed_specs():
         z = jnp.zeros((1, seq), jnp.int32)
@@ -329,7 +423,30 @@ def finetune(
     rng = jax.random.key(t.seed)
     init_rng, dropout_rng = jax.random.split(rng)
     target = parallel.checkpoint_abstract(abstract)
-    restored = checkpoints.restore_latest(target.params, target.opt_state)
+    counts_of_params = count_params(target.params, freeze)
+    log.info(
+        "parameters: %d trained, %d frozen%s",
+        counts_of_params.trained,
+        counts_of_params.frozen,
+        " (freeze_encoder: the task head alone is trained on the encoder's features)"
+        if freeze
+        else "",
+    )
+    if freeze and not config.init_from:
+        log.warning(
+            "freeze_encoder without init_from: the frozen encoder keeps its random "
+            "initialisation, so the head trains on random features (a baseline); set "
+            "init_from=PRETRAINING_WORKDIR to train it on pre-trained ones"
+        )
+    try:
+        restored = checkpoints.restore_latest(target.params, target.opt_state)
+    except ckpt.CheckpointMismatchError as e:
+        if "optimizer-state" not in str(e):
+            raise
+        raise ckpt.CheckpointMismatchError(
+            f"{e}\nOr config key freeze_encoder={freeze} differs from the run that wrote it "
+            "(a frozen encoder has no optimizer state): use the same value."
+        ) from None
     restored_groups: list[str] = []
     # What the run reports at its end comes back with a resume: the best evaluation so far
     # (its predictions are in best_eval_predictions.jsonl), the last one, the counters.
@@ -361,7 +478,9 @@ def finetune(
     dropout_rng = parallel.put_replicated(dropout_rng)
 
     step_fn = parallel.train_step(
-        make_finetune_step(model, kind, tx, schedule, parallel.axis_name, t.grad_accum_steps),
+        make_finetune_step(
+            model, kind, tx, schedule, parallel.axis_name, t.grad_accum_steps, freeze
+        ),
         state,
     )
 

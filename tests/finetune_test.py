@@ -1,7 +1,6 @@
 """Fine-tuning: encoder restore, every head's loss and decoding, end-to-end runs on slices of
 the shared tasks, and feature extraction."""
 
-import dataclasses
 import json
 
 import flax.linen
@@ -9,24 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from shared_data import TASKS, corpus_head, require
+from shared_data import TASKS, require
+from tiny import SMALL_MODEL, ko_en_pretraining_workdir
 
 from flaxbert import checkpoint as ckpt
 from flaxbert import finetune_tasks, train
 from flaxbert.config import ConfigError, load_config
 from flaxbert.features import extract_features
 from flaxbert.finetune import finetune
-from flaxbert.tokenizer import Tokenizer, train_tokenizer
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
-
-SMALL_MODEL = [
-    "--config.model.hidden_size=32",
-    "--config.model.num_layers=2",
-    "--config.model.num_heads=2",
-    "--config.model.intermediate_size=64",
-    "--config.model.max_position_embeddings=64",
-]
 
 
 def _tasks_dir():
@@ -36,37 +27,9 @@ def _tasks_dir():
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory, repo_root):
-    """A pre-training workdir as `flaxbert pretrain` leaves it: a checkpoint of a tiny model
-    (random weights) whose meta names a real Korean+English SentencePiece model."""
-    tmp = tmp_path_factory.mktemp("pretrained")
-    ko = corpus_head("ko_nsmc_reviews.txt", 3000, tmp / "ko.txt")
-    en = corpus_head("en_gutenberg.txt", 1500, tmp / "en.txt")
-    sp = train_tokenizer(
-        [str(ko), str(en)], 1500, str(tmp / "sp"), max_sentences=8000, num_threads=1
-    )
-    vocab = Tokenizer.load(sp).vocab_size
-    config = load_config(
-        str(repo_root / "configs/pretrain.py") + ":tiny",
-        [*SMALL_MODEL, f"--config.model.vocab_size={vocab}", "--config.data.max_seq_length=64"],
-    )
-    model_config = train.validate_pretrain_config(config)
-    setup = train.setup_training(config, model_config)
-    state = setup.create_state(jax.random.key(3))
-    workdir = tmp / "run"
-    workdir.mkdir()
-    ref = ckpt.keep_tokenizer(str(workdir), sp)
-    view = setup.parallel.to_checkpoint(state)
-    c = ckpt.Checkpoints(workdir / "checkpoints")
-    meta = {
-        "step": 7,
-        "rng": [0, 1],
-        "config": json.loads(config.to_json_best_effort()),
-        "model": dataclasses.asdict(model_config),
-        "tokenizer": ref,
-    }
-    c.save(7, view.params, view.opt_state, meta)
-    c.close()
-    return workdir, jax.device_get(state.params)
+    """A pre-training workdir of a tiny model (random weights) with a real Korean+English
+    SentencePiece model, and its saved params (`tiny.ko_en_pretraining_workdir`)."""
+    return ko_en_pretraining_workdir(repo_root, tmp_path_factory.mktemp("pretrained"))
 
 
 def _ft_config(repo_root, task, *extra):
