@@ -78,6 +78,7 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.model.attention_impl = ""
     c.model.remat = ""  # '' | full | dots (activation checkpointing)
     c.model.scan_layers = False  # must match the checkpoint's layout (see README)
+    c.model.pre_layer_norm = False  # must match the checkpoint's (configs/pretrain.py)
 
     c.data = ml_collections.ConfigDict()
     folder = os.path.join(TASKS_DIR, task)

@@ -111,12 +111,18 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int) -> Bert
             for k in STRUCTURAL_KEYS
             if k in saved and saved[k] != values[k]
         ]
-        # The layers' layout: one stacked (scanned) tree or one tree per layer.
-        if bool(saved.get("scan_layers", False)) != bool(values.get("scan_layers", False)):
-            diff.append(
-                f"model.scan_layers={values.get('scan_layers', False)} but the checkpoint has "
-                f"{saved.get('scan_layers', False)} (its layers are stored in that layout)"
-            )
+        # The layers' layout (one stacked tree or one per layer) and the blocks' LayerNorm
+        # placement: a pre-LN checkpoint read as post-LN would run, wrongly, without a word.
+        layouts = {
+            "scan_layers": "its layers are stored in that layout",
+            "pre_layer_norm": "its blocks were trained with that LayerNorm placement",
+        }
+        for key, why in layouts.items():
+            if bool(saved.get(key, False)) != bool(values.get(key, False)):
+                diff.append(
+                    f"model.{key}={values.get(key, False)} but the checkpoint has "
+                    f"{saved.get(key, False)} ({why})"
+                )
         if diff:
             raise ConfigError(
                 f"the config does not fit the checkpoint {step_dir}: " + "; ".join(diff) + ". "

@@ -82,6 +82,12 @@ def test_config_that_does_not_fit_the_checkpoint_is_named(repo_root, tmp_path, p
     )
     with pytest.raises(ConfigError, match="model.scan_layers=True but the checkpoint has False"):
         finetune(config, str(tmp_path / "ft2"))
+    # A post-LN checkpoint read as pre-LN (or the reverse) would run without error, wrongly.
+    config = _ft_config(
+        repo_root, "nsmc", f"--config.init_from={workdir}", "--config.model.pre_layer_norm=True"
+    )
+    with pytest.raises(ConfigError, match="model.pre_layer_norm=True but the checkpoint has False"):
+        finetune(config, str(tmp_path / "ft3"))
 
 
 @pytest.mark.parametrize(
