@@ -29,7 +29,9 @@ VARIANTS = {  # name: (layers, hidden, heads), as configs/pretrain.py
     "medium": (8, 512, 8),
     "base": (12, 768, 12),
     "large": (24, 1024, 16),
+    "cpu30": (2, 128, 2),  # configs/pretrain.py's CPU half-hour recipe (pre-LayerNorm)
 }
+PRE_LAYER_NORM = ("cpu30",)  # variants whose blocks are pre-LayerNorm
 TASKS_DIR = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tasks"
 )
@@ -78,7 +80,7 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.model.attention_impl = ""
     c.model.remat = ""  # '' | full | dots (activation checkpointing)
     c.model.scan_layers = False  # must match the checkpoint's layout (see README)
-    c.model.pre_layer_norm = False  # must match the checkpoint's (configs/pretrain.py)
+    c.model.pre_layer_norm = variant in PRE_LAYER_NORM  # must match the checkpoint's
 
     c.data = ml_collections.ConfigDict()
     folder = os.path.join(TASKS_DIR, task)
@@ -109,7 +111,7 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.train.num_steps = 0  # 0 = num_epochs over the training set
     c.train.batch_size = 32
     c.train.grad_accum_steps = 1  # micro-batches per update; batch_size must divide by it
-    c.train.learning_rate = 1e-4 if variant in ("tiny", "mini") else 3e-5
+    c.train.learning_rate = 1e-4 if variant in ("tiny", "mini", "cpu30") else 3e-5
     c.train.warmup_fraction = 0.1
     c.train.lr_decay = "linear"
     c.train.lr_decay_power = 1.0
