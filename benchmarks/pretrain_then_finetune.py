@@ -515,15 +515,21 @@ def markdown(results: dict, args) -> str:
             )
     lines += ["", "## Pre-training (final held-out metrics)", ""]
     lines += [
-        "| lang | config | steps | MLM accuracy | NSP accuracy | workdir |",
-        "|---|---|---:|---:|---:|---|",
+        "| lang | config | steps | MLM accuracy | NSP accuracy | MLM distinct predictions "
+        "| workdir |",
+        "|---|---|---:|---:|---:|---:|---|",
     ]
     for lang, pre in results["pretraining"].items():
         f = pre["final_metrics"]
         mlm, nsp = f.get("eval/mlm_accuracy", math.nan), f.get("eval/nsp_accuracy", math.nan)
+        # Near 0 on the unigram plateau (the same few pieces predicted whatever the context).
+        distinct = f.get("eval/mlm_distinct_predictions", math.nan)
         cfg = " ".join([pre["config"], *pre["overrides"]])
         step = f.get("step", "?")
-        lines.append(f"| {lang} | `{cfg}` | {step} | {mlm:.4f} | {nsp:.4f} | {pre['workdir']} |")
+        lines.append(
+            f"| {lang} | `{cfg}` | {step} | {mlm:.4f} | {nsp:.4f} | {distinct:.3f} "
+            f"| {pre['workdir']} |"
+        )
     lines += ["", "## Wall time per stage", "", "| stage | minutes |", "|---|---:|"]
     for name, seconds in results["stages"].items():
         lines.append(f"| {name} | {seconds / 60:.1f} |")

@@ -406,6 +406,23 @@ def _sentencepiece_workdir(st_dir, tmp_path):
     return workdir, sp, params
 
 
+def test_pre_layer_norm_checkpoint_is_not_exported(hf, tmp_path):
+    """transformers' BertModel has post-LayerNorm blocks only: a pre-LN checkpoint
+    (model.pre_layer_norm) would export into a model that computes something else."""
+    *_, st_dir = hf
+    plain = import_hf(str(st_dir), str(tmp_path / "plain"))
+    params = read_params(plain.step_dir)
+    meta = ckpt.read_meta(plain.workdir)[1]
+    meta["model"]["pre_layer_norm"] = True
+    pre = tmp_path / "pre"
+    c = ckpt.Checkpoints(str(pre / "checkpoints"), async_save=False)
+    c.save(0, params, {"x": np.zeros(())}, meta)
+    c.close()
+    with pytest.raises(ConversionError, match="pre_layer_norm=True"):
+        export_hf(str(pre), str(tmp_path / "pre_hf"))
+    assert not (tmp_path / "pre_hf").exists()
+
+
 def test_sentencepiece_checkpoint_exports_with_its_model(hf, tmp_path, caplog):
     *_, st_dir = hf
     workdir, sp, _ = _sentencepiece_workdir(st_dir, tmp_path)
