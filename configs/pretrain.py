@@ -205,7 +205,7 @@ def _cpu30(c: ml_collections.ConfigDict) -> None:
     c.data.max_predictions_per_seq = 26
     c.train.batch_size = 64
     c.train.learning_rate = 3e-3
-    c.train.num_steps = 8000
-    c.train.warmup_steps = 400
+    c.train.num_steps = 5200  # ~0.32 s a step on the 2-core CPU: 28 minutes
+    c.train.warmup_steps = 260
     c.eval.every_steps = 1000
     c.checkpoint.every_steps = 1000
