@@ -85,7 +85,7 @@ def test_benchmark_end_to_end_then_resumes_without_rerunning(repo_root, tmp_path
     assert set(results["stages"]) >= {"tokenizer-ko", "prepare-ko", "pretrain-ko"}
 
     md = (runs / "results.md").read_text()
-    assert "| nsmc (ko) | 64 |" in md and "finetuned − random" in md
+    assert "| nsmc (ko) | 64 |" in md and "frozen" in md and "random" in md
     assert "MLM accuracy" in md and "Wall time per stage" in md
     png = (runs / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 1000
@@ -99,3 +99,37 @@ def test_benchmark_end_to_end_then_resumes_without_rerunning(repo_root, tmp_path
     assert {p.name: p.stat().st_size for p in (runs / "logs").iterdir()} == logs
     assert json.loads((runs / "results.json").read_text())["runs"] == rows
     assert seconds < 60  # start-up and reading only
+
+
+def test_report_of_three_arms_has_the_difference_and_the_verdict(repo_root):
+    """The report's arithmetic on made-up results: means and sample stds over seeds at each
+    arm's chosen lr only, the fine-tuned − random column and the +5-point verdict."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ptf", os.path.join(repo_root, SCRIPT))
+    ptf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ptf)
+    args = ptf.parse_args(
+        ["--langs", "ko", "--labels", "5000", "--seeds", "0,1", "--lrs", "1e-3,3e-3"]
+    )
+    dev = {  # (arm, lr, seed) -> dev accuracy; the chosen lr is 1e-3 for every arm
+        ("random", 1e-3, 0): 0.70, ("random", 1e-3, 1): 0.72, ("random", 3e-3, 0): 0.60,
+        ("finetuned", 1e-3, 0): 0.78, ("finetuned", 1e-3, 1): 0.80, ("finetuned", 3e-3, 0): 0.5,
+        ("frozen", 1e-3, 0): 0.65, ("frozen", 1e-3, 1): 0.63, ("frozen", 3e-3, 0): 0.64,
+    }  # fmt: skip
+    common = {"task": "nsmc", "lang": "ko", "labels": 5000, "metric": "accuracy"}
+    results = {
+        "runs": [
+            {**common, "arm": a, "lr": lr, "seed": s, "dev": v} for (a, lr, s), v in dev.items()
+        ],
+        "chosen": [{**common, "arm": a, "lr": 1e-3} for a in ("random", "finetuned", "frozen")],
+        "pretraining": {},
+        "stages": {},
+    }
+    md = ptf.markdown(results, args)
+    row = next(line for line in md.splitlines() if line.startswith("| nsmc (ko) | 5,000 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:4] == ["0.7100 ± 0.0141", "0.001*"]
+    assert cells[4] == "0.7900 ± 0.0141" and cells[6] == "0.6400 ± 0.0141"
+    assert cells[-1] == "+8.0 pts"
+    assert "+8.0 points" in md and "met)" in md and "NOT met" not in md
