@@ -46,8 +46,10 @@ def _assert_encoder_kept_and_head_moved(params, before):
     for a, b in zip(jax.tree.leaves(params["bert"]), jax.tree.leaves(before["bert"]), strict=True):
         np.testing.assert_array_equal(a, b)
     head, head_before = trainable_params(params, True), trainable_params(before, True)
+    # Every head leaf moved. Not by a fixed amount: in a few warm-up steps a bias may move by
+    # only ~3e-5 (the squad_v1 head under pjit did, in CI).
     assert head and all(
-        np.max(np.abs(np.asarray(a) - np.asarray(b))) > 1e-4
+        np.max(np.abs(np.asarray(a) - np.asarray(b))) > 0
         for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(head_before), strict=True)
     )
 
