@@ -13,18 +13,17 @@ import tensorflow_datasets as tfds
 from shared_data import DATA
 
 from flaxbert.config import ConfigError
-from flaxbert.data import tasks
-from flaxbert.data.tasks import (
-    METRIC_SETS,
-    TASK_PRESETS,
+from flaxbert.data import task_files, task_tfds, tasks
+from flaxbert.data.task_files import read_examples
+from flaxbert.data.task_spec import (
     QAExample,
     ReaderSpec,
     TaskDataError,
     TextExample,
     TokenExample,
-    read_examples,
-    read_tfds,
 )
+from flaxbert.data.task_tfds import read_tfds
+from flaxbert.data.tasks import METRIC_SETS, TASK_PRESETS
 
 TASKS = DATA / "tasks"
 
@@ -579,9 +578,9 @@ def test_tfds_errors_say_what_to_do(tfds_dir, tmp_path):
 
 def test_read_examples_sends_tfds_sources_to_read_tfds(monkeypatch):
     calls = []
-    monkeypatch.setattr(tasks, "read_tfds", lambda *a, **k: calls.append((a, k)) or "result")
+    monkeypatch.setattr(task_files, "read_tfds", lambda *a, **k: calls.append((a, k)) or "result")
     spec = _spec(format="tsv", text_a="sentence")
     assert read_examples(spec, "tfds:glue/sst2:validation", limit=5) == "result"
     assert calls == [(("tfds:glue/sst2:validation", spec), {"limit": 5})]
-    assert tasks.parse_tfds_source("tfds:glue/sst2") == ("glue/sst2", "train")
-    assert tasks.parse_tfds_source("glue/sst2:train[:10]") == ("glue/sst2", "train[:10]")
+    assert task_tfds.parse_tfds_source("tfds:glue/sst2") == ("glue/sst2", "train")
+    assert task_tfds.parse_tfds_source("glue/sst2:train[:10]") == ("glue/sst2", "train[:10]")

@@ -21,7 +21,7 @@ from flaxbert.tokenizer import CLS_ID, PAD_ID, SEP_ID, Tokenizer
 
 
 class QAExampleLike(Protocol):
-    """What `qa_features` reads from an example (`flaxbert.data.tasks.QAExample`):
+    """What `qa_features` reads from an example (`flaxbert.data.task_spec.QAExample`):
     answers are (text, character start in context); the first is the training target."""
 
     qid: str

@@ -31,7 +31,8 @@ FEATURE_KEYS = ("input_ids", "input_mask", "segment_ids", "label_ids", "word_ind
 
 
 class TokenExampleLike(Protocol):
-    """What `batch_token_examples` reads from an example (`flaxbert.data.tasks.TokenExample`)."""
+    """What `batch_token_examples` reads from an example
+    (`flaxbert.data.task_spec.TokenExample`)."""
 
     words: list[str]
     labels: list[str] | None
