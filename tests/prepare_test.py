@@ -12,8 +12,11 @@ import sentencepiece as spm
 from shared_data import corpus_head
 
 from flaxbert.data import prepare as prepare_lib
+from flaxbert.data import prepared as prepared_lib
+from flaxbert.data import shards as shards_lib
 from flaxbert.data import text
-from flaxbert.data.prepare import PrepareError, load_prepared, prepare
+from flaxbert.data.prepare import prepare
+from flaxbert.data.prepared import PrepareError, load_prepared
 from flaxbert.tokenizer import Tokenizer
 
 WORDS = (
@@ -267,7 +270,7 @@ def test_incomplete_directory_detected(tmp_path, corpus_file, sp_model, monkeypa
     def crash(self, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare_lib.PretrainingCorpusBuilder, "download_and_prepare", crash)
+    monkeypatch.setattr(prepared_lib.PretrainingCorpusBuilder, "download_and_prepare", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus_file, sp_model, str(out), num_workers=1)
     monkeypatch.undo()
@@ -305,13 +308,13 @@ def test_worker_processes_give_the_same_result(prepared, workdir, corpus_file, s
 
 
 def _small_shards(monkeypatch, size=300):
-    monkeypatch.setattr(prepare_lib, "_MIN_SHARD_BYTES", size)
-    monkeypatch.setattr(prepare_lib, "_MAX_SHARD_BYTES", size)
+    monkeypatch.setattr(shards_lib, "_MIN_SHARD_BYTES", size)
+    monkeypatch.setattr(shards_lib, "_MAX_SHARD_BYTES", size)
 
 
 def test_shards_cut_at_document_ends(tmp_path, corpus_file, monkeypatch):
     _small_shards(monkeypatch)
-    shards = prepare_lib._plan_shards(corpus_file, num_workers=2)
+    shards = shards_lib._plan_shards(corpus_file, num_workers=2)
     data = open(corpus_file, "rb").read()
     assert len(shards) > 5 and shards[0].start == 0 and shards[-1].stop == len(data)
     for before, after in zip(shards, shards[1:], strict=False):
@@ -319,7 +322,7 @@ def test_shards_cut_at_document_ends(tmp_path, corpus_file, monkeypatch):
         assert after.first_line == data[: after.start].count(b"\n") + 1
     jsonl = tmp_path / "c.jsonl"
     jsonl.write_text("".join(f'{{"text": "Line {i} here."}}\n' for i in range(100)))
-    for shard in prepare_lib._plan_shards(str(jsonl), num_workers=2):
+    for shard in shards_lib._plan_shards(str(jsonl), num_workers=2):
         assert shard.start == 0 or jsonl.read_bytes()[: shard.start].endswith(b"}\n")
 
 

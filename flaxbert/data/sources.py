@@ -84,14 +84,14 @@ def _synthetic(data) -> PretrainingCorpus:
 
 
 def _is_prepared_dir(path: str) -> bool:
-    from flaxbert.data.prepare import COMPLETE_MARKER
+    from flaxbert.data.prepared import COMPLETE_MARKER
 
     return os.path.isdir(path) and os.path.exists(os.path.join(path, COMPLETE_MARKER))
 
 
 def load_prepared_corpus(path: str) -> PretrainingCorpus:
     """A directory written by `flaxbert prepare` as the two splits pre-training reads."""
-    from flaxbert.data.prepare import load_prepared
+    from flaxbert.data.prepared import load_prepared
 
     prepared = load_prepared(path)
     tokenizer = _load_tokenizer(prepared.tokenizer_path)
@@ -291,7 +291,7 @@ def _slug(spec: str) -> str:
 def prepared_flat_corpus(path: str, split: str) -> FlatCorpus:
     """A prepared split as flat arrays, derived once from the array_record files and then
     memory-mapped from `<path>/flat/`."""
-    from flaxbert.data.prepare import load_prepared
+    from flaxbert.data.prepared import load_prepared
 
     folder = os.path.join(path, "flat")
     names = ("tokens", "sentence_starts", "doc_starts")
