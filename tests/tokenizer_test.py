@@ -272,7 +272,7 @@ def test_training_says_what_it_does_and_how_long(tmp_path, caplog):
     """Before training: how many sentences and characters of how many, on how many threads,
     and the expected time (from the measured rate); after: the time taken. A long training
     logs 'still training' from a heartbeat thread meanwhile."""
-    from flaxbert import tokenizer as tk
+    from flaxbert.tokenizer import training as tk
 
     corpus = _synthetic_corpus(tmp_path / "corpus.txt", lines=1500)
     characters = sum(len(line) for line in pathlib.Path(corpus).read_text().splitlines())
