@@ -8,15 +8,14 @@ import pytest
 import tensorflow_datasets as tfds
 from shared_data import DATA, EN_CORPUS, KO_CORPUS, needs_data  # noqa: F401
 
+from flaxbert.data.sentences import split_sentences
 from flaxbert.data.text import (
-    CorpusError,
-    ReadStats,
     iter_corpus_documents,
     read_jsonl_documents,
     read_text_documents,
     read_tfds_documents,
-    split_sentences,
 )
+from flaxbert.data.text_io import CorpusError, ReadStats
 
 
 def _head(path: pathlib.Path, n: int) -> list[str]:

@@ -61,6 +61,7 @@ from flaxbert.data.prepared import (
     read_json,
 )
 from flaxbert.data.shards import tokenize_shards
+from flaxbert.data.text_io import CorpusError, ReadStats
 from flaxbert.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ def _build(corpus, tokenizer_path, tokenizer_sha256, output_dir, options, num_wo
     scratch_dir = os.path.join(output_dir, _SCRATCH)
     os.makedirs(scratch_dir)
     vocab_size = Tokenizer.load(tokenizer_path).vocab_size
-    stats = text.ReadStats()
+    stats = ReadStats()
     scratch = tokenize_shards(corpus, tokenizer_path, scratch_dir, num_workers, options, stats)
     scratch.assign_splits(
         options["validation_fraction"],
@@ -438,7 +439,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             text_field=args.text_field,
             force=args.force,
         )
-    except text.CorpusError as e:
+    except CorpusError as e:
         return report_user_error("prepare", e.spelled("flags"))
     except (UserError, OSError, ValueError) as e:  # ValueError: a flag's value out of range
         return report_user_error("prepare", e)

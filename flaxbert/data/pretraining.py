@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from flaxbert.config import ConfigError
-from flaxbert.data.text import CorpusError
+from flaxbert.data.text_io import CorpusError
 from flaxbert.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
 
 Document = Sequence[np.ndarray]  # sentences, each an int32 array of token ids

@@ -25,6 +25,7 @@ import numpy as np
 from flaxbert.config import UserError
 from flaxbert.data import text
 from flaxbert.data.prepared import PrepareError, Scratch
+from flaxbert.data.text_io import CorpusError, ReadStats
 from flaxbert.tokenizer import Tokenizer
 
 # The logger `flaxbert prepare` has always logged its steps to.
@@ -118,7 +119,7 @@ class _ShardResult:
     num_tokens: np.ndarray  # int64 per document read
     text_hash: np.ndarray  # uint64 per document read
     empty_sentences: int
-    stats: object  # text.ReadStats of this shard
+    stats: object  # ReadStats of this shard
 
 
 _BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
@@ -161,7 +162,7 @@ def _plan_shards(corpus: str, num_workers: int) -> list[_Shard]:
 
 
 def _read_shard(shard: _Shard, options: dict, scratch_dir: str, tokenizer) -> _ShardResult:
-    stats = text.ReadStats()
+    stats = ReadStats()
     whole = shard.path.startswith("tfds:") or (
         shard.start == 0 and shard.stop == os.path.getsize(shard.path)
     )
@@ -187,7 +188,7 @@ def _read_shard(shard: _Shard, options: dict, scratch_dir: str, tokenizer) -> _S
             sentences.extend(doc)
             per_document.append(len(doc))
             hashes.append(_text_hash(doc))
-    except text.CorpusError as e:
+    except CorpusError as e:
         if whole:
             raise
         raise e.relocated(_relocate(e.problem, path, shard)) from None

@@ -141,6 +141,7 @@ def _load_tokenizer(path: str):
 def _check_raw_inputs(data) -> None:
     """What can be checked of a raw corpus and its options before any work starts."""
     from flaxbert.data import text
+    from flaxbert.data.text_io import ERRORS_MODES, CorpusError
 
     require(
         0.0 < data.validation_fraction < 1.0,
@@ -150,10 +151,10 @@ def _check_raw_inputs(data) -> None:
         f"(at least {MIN_SPLIT_DOCUMENTS} documents are held out whatever the fraction)",
     )
     require(
-        data.errors in text.ERRORS_MODES,
+        data.errors in ERRORS_MODES,
         "data.errors",
         data.errors,
-        f"choose one of {', '.join(text.ERRORS_MODES)}",
+        f"choose one of {', '.join(ERRORS_MODES)}",
     )
     require(bool(data.text_field), "data.text_field", data.text_field, "name a JSON key")
     if not data.tokenizer or not os.path.exists(data.tokenizer):  # one will be trained
@@ -194,17 +195,17 @@ def _check_raw_inputs(data) -> None:
         raise ConfigError(f"config key data.corpus={data.corpus!r} is {why}")
     try:
         text.corpus_files(data.corpus)
-    except text.CorpusError as e:
+    except CorpusError as e:
         raise ConfigError(f"config key data.corpus={data.corpus!r}: {e.problem}; {what}") from None
 
 
 def _from_raw(data, workdir: str) -> PretrainingCorpus:
-    from flaxbert.data import text
+    from flaxbert.data.text_io import CorpusError
 
     _check_raw_inputs(data)
     try:
         return _train_and_prepare(data, workdir)
-    except text.CorpusError as e:  # say how to set the reader option in the config
+    except CorpusError as e:  # say how to set the reader option in the config
         raise e.spelled("config") from None
 
 
