@@ -16,7 +16,8 @@ import time
 
 import numpy as np
 
-from flaxbert.data.pretraining import FlatCorpus, InstanceConfig, PretrainingBatches
+from flaxbert.data.instances import FlatCorpus, InstanceConfig
+from flaxbert.data.pretraining import PretrainingBatches
 
 
 def load(prepared: str | None):

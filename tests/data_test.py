@@ -1,15 +1,13 @@
 import numpy as np
 import pytest
 
-from flaxbert.data.pretraining import (
-    BATCH_KEYS,
+from flaxbert.data.instances import (
     FlatCorpus,
     InstanceConfig,
-    PretrainingBatches,
     _binomial_half,
     _truncated_lengths,
-    prefetch,
 )
+from flaxbert.data.pretraining import BATCH_KEYS, PretrainingBatches, prefetch
 from flaxbert.data.synthetic import VOCAB, VOCAB_SIZE, SyntheticCorpus
 from flaxbert.tokenizer import CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID
 

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from flaxbert.config import ConfigError, require
-from flaxbert.data.pretraining import FlatCorpus
+from flaxbert.data.instances import FlatCorpus
 from flaxbert.data.synthetic import SyntheticCorpus
 
 log = logging.getLogger("flaxbert")
