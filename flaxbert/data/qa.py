@@ -181,39 +181,16 @@ def qa_features(
                 f"max_seq_length={L} leaves no room for the context after a "
                 f"{len(question)}-piece question (max_query_length={max_query_length})"
             )
-        answer = None
-        if ex.answers:
-            text, start = ex.answers[0]
-            at = locate_answer(ex.context, text, start)
-            if at is not None:
-                answer = answer_token_span(c_start, c_end, at, at + len(text))
-            if answer is None:
-                unmatched += 1
+        answer = _answer_pieces(ex, c_start, c_end)
+        if ex.answers and answer is None:
+            unmatched += 1
 
         spans = _windows(len(ids), window, doc_stride)
         best = _max_context(spans, len(ids))
-        offset = len(question) + 2  # context pieces start after [CLS] question [SEP]
         for k, (start, length) in enumerate(spans):
-            row = np.full(L, PAD_ID, dtype=np.int32)
-            row[0] = CLS_ID
-            row[1 : offset - 1] = question
-            row[offset - 1] = SEP_ID
-            row[offset : offset + length] = ids[start : start + length]
-            row[offset + length] = SEP_ID
-            used = offset + length + 1
-            mask = np.zeros(L, dtype=np.int32)
-            mask[:used] = 1
-            seg = np.zeros(L, dtype=np.int32)
-            seg[offset:used] = 1
-            cs = np.full(L, -1, dtype=np.int32)
-            ce = np.full(L, -1, dtype=np.int32)
-            cs[offset : offset + length] = c_start[start : start + length]
-            ce[offset : offset + length] = c_end[start : start + length]
-            mc = np.zeros(L, dtype=bool)
-            mc[offset : offset + length] = best[start : start + length] == k
-            sp = ep = 0
-            if answer is not None and start <= answer[0] and answer[1] < start + length:
-                sp, ep = answer[0] - start + offset, answer[1] - start + offset
+            row, mask, seg, sp, ep, cs, ce, mc = _window_feature(
+                question, (ids, c_start, c_end), start, length, best == k, answer, L
+            )
             for key, value in zip(keys, (row, mask, seg, sp, ep, e, cs, ce, mc), strict=True):
                 cols[key].append(value)
 
@@ -232,6 +209,49 @@ def qa_features(
         is_max_context=stack("mc", bool, (0, L)),
         unmatched_answers=unmatched,
     )
+
+
+def _answer_pieces(ex: QAExampleLike, c_start: np.ndarray, c_end: np.ndarray):
+    """The (first, last) context piece of the example's first answer; None for an example
+    without answers, or one whose answer no piece span matches."""
+    if not ex.answers:
+        return None
+    text, start = ex.answers[0]
+    at = locate_answer(ex.context, text, start)
+    if at is None:
+        return None
+    return answer_token_span(c_start, c_end, at, at + len(text))
+
+
+def _window_feature(question, context, start: int, length: int, is_best, answer, L: int):
+    """One feature row: [CLS] question [SEP] context pieces [start, start + length) [SEP],
+    padded to L. `context` is (ids, char_start, char_end) of the whole context, `is_best`
+    per context piece whether this window gives it most context. Returns (input ids, mask,
+    segment ids, start position, end position, char_start, char_end, is_max_context); the
+    positions are 0 ([CLS]) when the answer is not wholly inside the window."""
+    ids, c_start, c_end = context
+    offset = len(question) + 2  # context pieces start after [CLS] question [SEP]
+    row = np.full(L, PAD_ID, dtype=np.int32)
+    row[0] = CLS_ID
+    row[1 : offset - 1] = question
+    row[offset - 1] = SEP_ID
+    row[offset : offset + length] = ids[start : start + length]
+    row[offset + length] = SEP_ID
+    used = offset + length + 1
+    mask = np.zeros(L, dtype=np.int32)
+    mask[:used] = 1
+    seg = np.zeros(L, dtype=np.int32)
+    seg[offset:used] = 1
+    cs = np.full(L, -1, dtype=np.int32)
+    ce = np.full(L, -1, dtype=np.int32)
+    cs[offset : offset + length] = c_start[start : start + length]
+    ce[offset : offset + length] = c_end[start : start + length]
+    mc = np.zeros(L, dtype=bool)
+    mc[offset : offset + length] = is_best[start : start + length]
+    sp = ep = 0
+    if answer is not None and start <= answer[0] and answer[1] < start + length:
+        sp, ep = answer[0] - start + offset, answer[1] - start + offset
+    return row, mask, seg, sp, ep, cs, ce, mc
 
 
 def _top(logits: np.ndarray, allowed: np.ndarray, n: int) -> np.ndarray:
@@ -278,52 +298,77 @@ def decode_qa_nbest(
     found: list[dict[tuple[int, int], QAPrediction]] = [{} for _ in examples]
     for f in range(len(features)):
         e = int(features.example_index[f])
-        context = examples[e].context
-        cs, ce = features.char_start[f], features.char_end[f]
-        # Pieces with text: a bare "▁" (empty span) would end an answer on a space.
-        in_context = (cs >= 0) & (ce > cs)
-        starts = _top(start_logits[f], in_context & features.is_max_context[f], n_best_size)
-        ends = _top(end_logits[f], in_context, n_best_size)
-        if len(starts) == 0 or len(ends) == 0:
+        _add_window_candidates(
+            found[e],
+            f,
+            start_logits,
+            end_logits,
+            features,
+            examples[e].context,
+            n_best_size,
+            max_answer_length,
+        )
+    return {ex.qid: _ranked(found[e], n_best_size) for e, ex in enumerate(examples)}
+
+
+def _add_window_candidates(
+    found: dict[tuple[int, int], QAPrediction],
+    f: int,
+    start_logits: np.ndarray,
+    end_logits: np.ndarray,
+    features: QAFeatures,
+    context: str,
+    n_best_size: int,
+    max_answer_length: int,
+) -> None:
+    """Adds feature f's (one window's) best valid spans to `found` (by character span,
+    keeping the better score of a span seen before), at most `n_best_size` of them."""
+    cs, ce = features.char_start[f], features.char_end[f]
+    # Pieces with text: a bare "▁" (empty span) would end an answer on a space.
+    in_context = (cs >= 0) & (ce > cs)
+    starts = _top(start_logits[f], in_context & features.is_max_context[f], n_best_size)
+    ends = _top(end_logits[f], in_context, n_best_size)
+    if len(starts) == 0 or len(ends) == 0:
+        return
+    s, t = np.meshgrid(starts, ends, indexing="ij")
+    ok = (t >= s) & (t - s + 1 <= max_answer_length)
+    s, t = s[ok], t[ok]
+    scores = start_logits[f, s] + end_logits[f, t]
+    kept = 0
+    for k in np.argsort(-scores, kind="stable"):  # a window adds at most n_best spans
+        i, j = int(s[k]), int(t[k])
+        span = (int(cs[i]), int(ce[j]))
+        old = found.get(span)
+        if old is not None and old.score >= scores[k]:
             continue
-        s, t = np.meshgrid(starts, ends, indexing="ij")
-        ok = (t >= s) & (t - s + 1 <= max_answer_length)
-        s, t = s[ok], t[ok]
-        scores = start_logits[f, s] + end_logits[f, t]
-        kept = 0
-        for k in np.argsort(-scores, kind="stable"):  # a window adds at most n_best spans
-            i, j = int(s[k]), int(t[k])
-            span = (int(cs[i]), int(ce[j]))
-            old = found[e].get(span)
-            if old is not None and old.score >= scores[k]:
-                continue
-            found[e][span] = QAPrediction(
-                text=context[span[0] : span[1]],
-                score=float(scores[k]),
-                probability=0.0,
-                start_logit=float(start_logits[f, i]),
-                end_logit=float(end_logits[f, j]),
-                char_start=span[0],
-                char_end=span[1],
-                feature_index=f,
-            )
-            kept += 1
-            if kept == n_best_size:
-                break
-    result: dict[str, list[QAPrediction]] = {}
-    for e, ex in enumerate(examples):
-        ranked = sorted(found[e].values(), key=lambda p: (-p.score, p.char_start, p.char_end))
-        ranked = ranked[:n_best_size]
-        if ranked:
-            scores = np.array([p.score for p in ranked])
-            probs = np.exp(scores - scores.max())
-            probs /= probs.sum()
-            ranked = [
-                dataclasses.replace(p, probability=float(q))
-                for p, q in zip(ranked, probs, strict=True)
-            ]
-        result[ex.qid] = ranked
-    return result
+        found[span] = QAPrediction(
+            text=context[span[0] : span[1]],
+            score=float(scores[k]),
+            probability=0.0,
+            start_logit=float(start_logits[f, i]),
+            end_logit=float(end_logits[f, j]),
+            char_start=span[0],
+            char_end=span[1],
+            feature_index=f,
+        )
+        kept += 1
+        if kept == n_best_size:
+            break
+
+
+def _ranked(found: dict[tuple[int, int], QAPrediction], n_best_size: int) -> list[QAPrediction]:
+    """An example's candidates, best first, at most `n_best_size`, each with its softmax
+    probability among them."""
+    ranked = sorted(found.values(), key=lambda p: (-p.score, p.char_start, p.char_end))
+    ranked = ranked[:n_best_size]
+    if ranked:
+        scores = np.array([p.score for p in ranked])
+        probs = np.exp(scores - scores.max())
+        probs /= probs.sum()
+        ranked = [
+            dataclasses.replace(p, probability=float(q)) for p, q in zip(ranked, probs, strict=True)
+        ]
+    return ranked
 
 
 def decode_qa(

@@ -82,31 +82,9 @@ def encode_token_example(
         raise ValueError(f"{len(words)} words but {len(labels)} labels")
     sep = _separator(words, separator)
     text = sep.join(words)
-
-    # Word of every character: -1 on separators and past the end.
-    char_word = np.full(len(text) + 1, -1, dtype=np.int64)
-    pos = 0
-    for w, word in enumerate(words):
-        char_word[pos : pos + len(word)] = w
-        pos += len(word) + len(sep)
-    # For the last character of a piece: the word it is in, or the one before a separator.
-    char_word_before = np.maximum.accumulate(char_word[:-1]) if len(text) else char_word[:0]
-
     ids, char_start, char_end = tokenizer.encode_with_offsets(text)
     n = len(ids)
-    piece_word = np.empty(n, dtype=np.int64)  # the word each piece's span starts in
-    piece_last = np.empty(n, dtype=np.int64)
-    prev = -1
-    for i in range(n):
-        w = int(char_word[char_start[i]])
-        if w < prev:  # spans never decrease; a start between words continues the last one
-            w = prev
-        if w < 0:  # a piece starting on a separator before any word: keep it with word 0
-            w = 0 if words else -1
-        piece_word[i] = w
-        last = int(char_word_before[char_end[i] - 1]) if char_end[i] > char_start[i] else w
-        piece_last[i] = max(last, w)
-        prev = w
+    piece_word, piece_last = _piece_words(words, sep, text, char_start, char_end)
     first = np.ones(n, dtype=bool)
     first[1:] = piece_word[1:] != piece_word[:-1]
 
@@ -127,7 +105,57 @@ def encode_token_example(
     word_index[1 : keep + 1] = np.where(first[:keep], piece_word[:keep], -1)
     last_word = np.full(max_seq_length, -1, dtype=np.int32)
     last_word[1 : keep + 1] = piece_last[:keep]
-    label_ids = np.full(max_seq_length, IGNORE_INDEX, dtype=np.int32)
+    features = {
+        "input_ids": input_ids,
+        "input_mask": input_mask,
+        "segment_ids": np.zeros(max_seq_length, dtype=np.int32),
+        "label_ids": _label_ids(words, labels, label_to_id, word_index),
+        "word_index": word_index,
+        "last_word": last_word,
+    }
+    return features, dropped
+
+
+def _piece_words(
+    words: Sequence[str], sep: str, text: str, char_start: np.ndarray, char_end: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """For each piece of `text` (`sep.join(words)`, pieces by their character spans): the
+    word its span starts in, and the last word its characters reach."""
+    # Word of every character: -1 on separators and past the end.
+    char_word = np.full(len(text) + 1, -1, dtype=np.int64)
+    pos = 0
+    for w, word in enumerate(words):
+        char_word[pos : pos + len(word)] = w
+        pos += len(word) + len(sep)
+    # For the last character of a piece: the word it is in, or the one before a separator.
+    char_word_before = np.maximum.accumulate(char_word[:-1]) if len(text) else char_word[:0]
+
+    n = len(char_start)
+    piece_word = np.empty(n, dtype=np.int64)  # the word each piece's span starts in
+    piece_last = np.empty(n, dtype=np.int64)
+    prev = -1
+    for i in range(n):
+        w = int(char_word[char_start[i]])
+        if w < prev:  # spans never decrease; a start between words continues the last one
+            w = prev
+        if w < 0:  # a piece starting on a separator before any word: keep it with word 0
+            w = 0 if words else -1
+        piece_word[i] = w
+        last = int(char_word_before[char_end[i] - 1]) if char_end[i] > char_start[i] else w
+        piece_last[i] = max(last, w)
+        prev = w
+    return piece_word, piece_last
+
+
+def _label_ids(
+    words: Sequence[str],
+    labels: Sequence[str] | None,
+    label_to_id: Mapping[str, int],
+    word_index: np.ndarray,
+) -> np.ndarray:
+    """`label_to_id[labels[w]]` where `word_index` is w (a word's first piece), IGNORE_INDEX
+    everywhere else, and everywhere when `labels` is None."""
+    label_ids = np.full(len(word_index), IGNORE_INDEX, dtype=np.int32)
     if labels is not None:
         for p in np.flatnonzero(word_index >= 0):
             tag = labels[word_index[p]]
@@ -137,15 +165,7 @@ def encode_token_example(
                     f"not among the task's labels {sorted(label_to_id)}"
                 )
             label_ids[p] = label_to_id[tag]
-    features = {
-        "input_ids": input_ids,
-        "input_mask": input_mask,
-        "segment_ids": np.zeros(max_seq_length, dtype=np.int32),
-        "label_ids": label_ids,
-        "word_index": word_index,
-        "last_word": last_word,
-    }
-    return features, dropped
+    return label_ids
 
 
 def batch_token_examples(
