@@ -89,7 +89,8 @@ if REPO not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, REPO)
 
 from flaxbert.config import ConfigError, load_config, load_module  # noqa: E402
-from flaxbert.sweep import point_names, read_json  # noqa: E402
+from flaxbert.sweeps.logs import read_json  # noqa: E402
+from flaxbert.sweeps.points import point_names  # noqa: E402
 
 LANGS = {"ko": "nsmc", "en": "sst2"}
 ARMS = {

@@ -181,8 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_tokenizer_parser(commands).set_defaults(func=run_train_tokenizer)
     add_prepare_parser(commands).set_defaults(func=run_prepare)
-    from flaxbert.plot import add_plot_parser, run_plot
-    from flaxbert.sweep import add_sweep_parsers
+    from flaxbert.sweeps.commands import add_sweep_parsers
+    from flaxbert.sweeps.plot import add_plot_parser, run_plot
 
     add_sweep_parsers(commands)
     add_plot_parser(commands).set_defaults(func=run_plot)

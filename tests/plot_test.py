@@ -2,7 +2,7 @@
 
 Pre-training and fine-tuning write every metrics.jsonl row through `monitor.MetricWriter`,
 which writes the same scalars to TensorBoard; the events are read back here with
-`plot.read_tensorboard_scalars` (tensorboardX's protobufs, no TensorBoard install). A real
+`logs.read_tensorboard_scalars` (tensorboardX's protobufs, no TensorBoard install). A real
 training run is not used: a 4-step tiny one took 33 s on the 2-core machine.
 """
 
@@ -12,8 +12,9 @@ import time
 
 import pytest
 
-from flaxbert import cli, plot
+from flaxbert import cli
 from flaxbert.monitor import MetricWriter
+from flaxbert.sweeps import logs, plot
 
 PRETRAIN_KEYS = ["loss", "mlm_accuracy", "nsp_accuracy", "learning_rate", "grad_norm"]
 EVAL_KEYS = ["eval/loss", "eval/mlm_accuracy", "eval/nsp_accuracy"]
@@ -124,8 +125,8 @@ def test_cli_plot(tmp_path, capsys):
 
 
 def _events_match_jsonl(workdir):
-    rows = plot.read_metrics(workdir)
-    scalars = plot.read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
+    rows = logs.read_metrics(workdir)
+    scalars = logs.read_tensorboard_scalars(os.path.join(workdir, "tensorboard"))
     expected: dict[str, list] = {}
     for r in rows:
         for k, v in r.items():

@@ -17,13 +17,27 @@ import threading
 
 import pytest
 
-from flaxbert import cli, sweep, sweep_summary
+from flaxbert import cli
 from flaxbert.config import ConfigError
-from flaxbert.sweep import concat, grid, point_names, product, variants, zip_
+from flaxbert.sweeps import summary as sweep_summary
+from flaxbert.sweeps.points import (
+    concat,
+    grid,
+    load_sweep,
+    point_names,
+    product,
+    shell,
+    variants,
+    write_sweep_json,
+    zip_,
+)
+from flaxbert.sweeps.runner import dry_run, run_sweep
+from flaxbert.sweeps.slurm import emit_slurm
+from flaxbert.sweeps.status import is_finished, point_status
 
 CONFIG = """
 import ml_collections
-from flaxbert.sweep import grid
+from flaxbert.sweeps.points import grid
 
 def get_config(arg="base"):
     c = ml_collections.ConfigDict()
@@ -147,7 +161,7 @@ def test_point_names_are_readable_unique_stable_and_safe():
 
 def test_load_sweep_builds_checked_commands(tmp_path):
     path = _config(tmp_path)
-    s = sweep.load_sweep(path, str(tmp_path / "sw"), ["--config.train.num_steps=6"])
+    s = load_sweep(path, str(tmp_path / "sw"), ["--config.train.num_steps=6"])
     assert s.swept == ["train.learning_rate", "train.seed"]
     assert len(s.points) == 6 and len({p.workdir for p in s.points}) == 6
     p = s.points[1]
@@ -171,9 +185,9 @@ def test_load_sweep_builds_checked_commands(tmp_path):
         "--config.train.seed=1",
     ]
     # A config with a task key fine-tunes; its main metric heads the summary.
-    ft = sweep.load_sweep(_config(tmp_path, task=FINETUNE, name="ft.py"), str(tmp_path / "f"))
+    ft = load_sweep(_config(tmp_path, task=FINETUNE, name="ft.py"), str(tmp_path / "f"))
     assert ft.points[0].command == "finetune" and ft.points[0].main_metric == "eval/accuracy"
-    forced = sweep.load_sweep(path, str(tmp_path / "sw"), command="finetune")
+    forced = load_sweep(path, str(tmp_path / "sw"), command="finetune")
     assert forced.points[0].argv[3] == "finetune"
     # Variants: the point's config_arg replaces ARG; get_sweep gets ARG.
     v = _config(
@@ -182,29 +196,29 @@ def test_load_sweep_builds_checked_commands(tmp_path):
         sweep_arg="arg",
         name="v.py",
     )
-    vs = sweep.load_sweep(v + ":small+large", str(tmp_path / "v"))
+    vs = load_sweep(v + ":small+large", str(tmp_path / "v"))
     assert [p.name for p in vs.points] == ["small", "large"]
     assert vs.points[1].argv[4:6] == ("--config", v + ":large")
     assert vs.swept == ["config_arg"]
     # get_sweep(arg) without a default gets '' when no ARG is given.
     required = _config(tmp_path, points='[{"train.seed": len(arg)}]', sweep_arg="arg", name="r.py")
-    assert sweep.load_sweep(required, str(tmp_path / "r")).points[0].overrides == {"train.seed": 0}
+    assert load_sweep(required, str(tmp_path / "r")).points[0].overrides == {"train.seed": 0}
     # get_sweep() without an argument.
     noarg = _config(tmp_path, points='[{"train.seed": 1}]', sweep_arg="", name="n.py")
-    assert sweep.load_sweep(noarg + ":x", str(tmp_path / "n")).points[0].config_arg == "x"
+    assert load_sweep(noarg + ":x", str(tmp_path / "n")).points[0].config_arg == "x"
 
 
 def test_bad_points_stop_before_anything_runs(tmp_path):
     bad = _config(tmp_path, points='grid(**{"train.lerning_rate": [1.0, 2.0]})', name="bad.py")
     with pytest.raises(ConfigError, match=r"point 'lerning_rate=1.0'.*train.learning_rate"):
-        sweep.load_sweep(bad, str(tmp_path / "b"))
+        load_sweep(bad, str(tmp_path / "b"))
     wrong = _config(tmp_path, points='grid(**{"train.num_steps": ["many", 3]})', name="w.py")
     with pytest.raises(ConfigError, match="steps=many"):
-        sweep.load_sweep(wrong, str(tmp_path / "w"))
+        load_sweep(wrong, str(tmp_path / "w"))
     nosweep = tmp_path / "plain.py"
     nosweep.write_text("def get_config(arg=''):\n    return None\n")
     with pytest.raises(ConfigError, match="no get_sweep"):
-        sweep.load_sweep(str(nosweep), str(tmp_path / "p"))
+        load_sweep(str(nosweep), str(tmp_path / "p"))
     assert not (tmp_path / "b").exists() and not (tmp_path / "w").exists()
 
 
@@ -213,14 +227,14 @@ def test_bad_points_stop_before_anything_runs(tmp_path):
 
 def test_finished_points_are_skipped_and_interrupted_ones_run_again(tmp_path):
     root = tmp_path / "sw"
-    s = sweep.load_sweep(_config(tmp_path, task=FINETUNE), str(root))
+    s = load_sweep(_config(tmp_path, task=FINETUNE), str(root))
     names = [p.name for p in s.points]
     _fake_finished(root / names[0], step=4)  # finished
     _fake_finished(root / names[1], step=2)  # preempted at step 2 of 4: final step too low
     (root / names[2]).mkdir()  # interrupted before its first evaluation
     (root / names[2] / "log.txt").write_text("the first attempt\n")
     runner, out = FakeRunner(), io.StringIO()
-    assert sweep.run_sweep(s, runner=runner, out=out) == 0
+    assert run_sweep(s, runner=runner, out=out) == 0
     assert runner.calls == names[1:]
     text = out.getvalue()
     assert f"[1/6] {names[0]}: finished, skipped" in text
@@ -228,40 +242,38 @@ def test_finished_points_are_skipped_and_interrupted_ones_run_again(tmp_path):
     assert "all 6 points done" in text
     log = (root / names[2] / "log.txt").read_text().splitlines()
     assert log[0] == "the first attempt" and log[1].startswith("=== flaxbert sweep, ")
-    assert log[1].endswith(sweep.shell(s.points[2].argv)) and log[2] == f"training {names[2]}"
+    assert log[1].endswith(shell(s.points[2].argv)) and log[2] == f"training {names[2]}"
     listed = json.loads((root / "sweep.json").read_text())
     assert [p["name"] for p in listed["points"]] == names
-    assert listed["points"][3]["shell"] == sweep.shell(s.points[3].argv)
+    assert listed["points"][3]["shell"] == shell(s.points[3].argv)
     assert listed["swept"] == ["train.learning_rate", "train.seed"]
     # A second run finds everything finished.
     again = FakeRunner()
-    assert sweep.run_sweep(s, runner=again, out=io.StringIO()) == 0 and again.calls == []
+    assert run_sweep(s, runner=again, out=io.StringIO()) == 0 and again.calls == []
 
 
 def test_finished_by_epochs_means_the_last_step_was_evaluated(tmp_path):
     _fake_finished(tmp_path / "a", step=4)
-    assert sweep.is_finished(str(tmp_path / "a"), 0) and sweep.is_finished(str(tmp_path / "a"), 4)
-    assert not sweep.is_finished(str(tmp_path / "a"), 5)
+    assert is_finished(str(tmp_path / "a"), 0) and is_finished(str(tmp_path / "a"), 4)
+    assert not is_finished(str(tmp_path / "a"), 5)
     final = json.loads((tmp_path / "a" / "final_metrics.json").read_text())
     final["step"] = 3  # preempted after the step-2 evaluation
     (tmp_path / "a" / "final_metrics.json").write_text(json.dumps(final))
     with open(tmp_path / "a" / "metrics.jsonl", "w") as f:
         f.write(json.dumps({"step": 2, "eval/accuracy": 0.5}) + "\n")
-    assert not sweep.is_finished(str(tmp_path / "a"), 0)
-    assert not sweep.is_finished(str(tmp_path / "missing"), 0)
+    assert not is_finished(str(tmp_path / "a"), 0)
+    assert not is_finished(str(tmp_path / "missing"), 0)
 
 
 def test_parallel_runs_points_at_the_same_time(tmp_path):
-    s = sweep.load_sweep(
-        _config(tmp_path, points=LR_SEED.replace(", 2]", "]")), str(tmp_path / "s")
-    )
+    s = load_sweep(_config(tmp_path, points=LR_SEED.replace(", 2]", "]")), str(tmp_path / "s"))
     barrier = threading.Barrier(2, timeout=20)  # breaks unless two points run together
 
     def runner(point, log):
         barrier.wait()
         return FakeRunner()(point, log)
 
-    assert sweep.run_sweep(s, parallel=2, runner=runner, out=io.StringIO()) == 0
+    assert run_sweep(s, parallel=2, runner=runner, out=io.StringIO()) == 0
 
 
 FAKE_FLAXBERT = """
@@ -286,11 +298,11 @@ def test_failed_point_is_reported_and_the_sweep_goes_on(tmp_path):
     fake = tmp_path / "fake_flaxbert.py"
     fake.write_text(FAKE_FLAXBERT)
     root = tmp_path / "sw"
-    s = sweep.load_sweep(
+    s = load_sweep(
         _config(tmp_path, task=FINETUNE), str(root), launcher=[sys.executable, str(fake)]
     )
     out = io.StringIO()
-    assert sweep.run_sweep(s, out=out) == 1
+    assert run_sweep(s, out=out) == 1
     text = out.getvalue()
     assert "[5/6] lr=0.0003,seed=1: FAILED, exit code 3 after" in text
     assert "ValueError: something went wrong" in text and "loading data..." in text
@@ -306,15 +318,15 @@ def test_failed_point_is_reported_and_the_sweep_goes_on(tmp_path):
 
 
 def test_a_command_that_cannot_start_is_a_failed_point(tmp_path):
-    s = sweep.load_sweep(
+    s = load_sweep(
         _config(tmp_path, points='[{"train.seed": 1}]'),
         str(tmp_path / "s"),
         launcher=[str(tmp_path / "no-such-python")],
     )
     out = io.StringIO()
-    assert sweep.run_sweep(s, out=out) == 1
+    assert run_sweep(s, out=out) == 1
     assert "seed=1: FAILED, could not run it (FileNotFoundError" in out.getvalue()
-    assert sweep.point_status(s.points[0].workdir, 4) == "failed"
+    assert point_status(s.points[0].workdir, 4) == "failed"
 
 
 SLEEPER = """
@@ -329,24 +341,24 @@ time.sleep(60)
 
 
 def test_a_run_that_exits_0_without_finishing_is_a_failure(tmp_path):
-    s = sweep.load_sweep(_config(tmp_path, points='[{"train.seed": 1}]'), str(tmp_path / "s"))
+    s = load_sweep(_config(tmp_path, points='[{"train.seed": 1}]'), str(tmp_path / "s"))
     out = io.StringIO()
-    assert sweep.run_sweep(s, runner=lambda p, log: 0, out=out) == 1
+    assert run_sweep(s, runner=lambda p, log: 0, out=out) == 1
     assert "exit code 0 but not finished (step 4 not reached)" in out.getvalue()
-    assert sweep.point_status(s.points[0].workdir, 4) == "incomplete"
+    assert point_status(s.points[0].workdir, 4) == "incomplete"
 
 
 def test_dry_run_prints_the_commands_and_runs_nothing(tmp_path):
     root = tmp_path / "sw"
-    s = sweep.load_sweep(_config(tmp_path), str(root))
+    s = load_sweep(_config(tmp_path), str(root))
     _fake_finished(root / "lr=0.001,seed=0")
     out = io.StringIO()
-    sweep.dry_run(s, out)
+    dry_run(s, out)
     lines = out.getvalue().splitlines()
     assert len(lines) == 12
     assert lines[0] == "# lr=0.001,seed=0 (finished: would be skipped)"
     assert lines[2] == "# lr=0.001,seed=1"
-    assert lines[3] == sweep.shell(s.points[1].argv)
+    assert lines[3] == shell(s.points[1].argv)
     assert f"--workdir {root}/lr=0.001,seed=1 --config.train.learning_rate" in lines[3]
     assert sorted(os.listdir(root)) == ["lr=0.001,seed=0"]
 
@@ -355,14 +367,14 @@ def test_emit_slurm_writes_an_array_script_that_runs_one_point(tmp_path, repo_ro
     fake = tmp_path / "fake_flaxbert.py"
     fake.write_text(FAKE_FLAXBERT)
     root = tmp_path / "sw"
-    s = sweep.load_sweep(_config(tmp_path), str(root), launcher=[sys.executable, str(fake)])
-    path = sweep.emit_slurm(s, parallel=2)
+    s = load_sweep(_config(tmp_path), str(root), launcher=[sys.executable, str(fake)])
+    path = emit_slurm(s, parallel=2)
     text = open(path).read()
     assert path == str(root / "sweep.sbatch") and os.access(path, os.X_OK)
     assert "#SBATCH --array=0-5%2" in text and f"#SBATCH --output={root}/slurm-%A_%a.out" in text
     assert "names=(lr=0.001,seed=0 lr=0.001,seed=1" in text and "steps=(4 4 4 4 4 4)" in text
     for i, p in enumerate(s.points):
-        assert f'  {i}) cmd=("$PYTHON" {sweep.shell(p.argv[1:])}) ;;' in text
+        assert f'  {i}) cmd=("$PYTHON" {shell(p.argv[1:])}) ;;' in text
     assert f"sbatch {path}" in text and f"flaxbert sweep-summary {root}" in text
     # The script runs as is, outside SLURM: task 1 runs its point, then skips it.
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "PYTHONPATH": str(repo_root)}
@@ -370,7 +382,7 @@ def test_emit_slurm_writes_an_array_script_that_runs_one_point(tmp_path, repo_ro
         done = subprocess.run(["bash", path], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == expected
-    assert sweep.is_finished(str(root / "lr=0.001,seed=1"), 4)
+    assert is_finished(str(root / "lr=0.001,seed=1"), 4)
     assert "fake pretrain" in (root / "lr=0.001,seed=1" / "log.txt").read_text()
     failed = {**env, "SLURM_ARRAY_TASK_ID": "4"}  # lr=0.0003,seed=1 exits 3
     done = subprocess.run(["bash", path], env=failed, capture_output=True, text=True, timeout=60)
@@ -382,8 +394,8 @@ def test_emit_slurm_writes_an_array_script_that_runs_one_point(tmp_path, repo_ro
 
 def _finished_sweep(tmp_path, task=FINETUNE):
     root = tmp_path / "sw"
-    s = sweep.load_sweep(_config(tmp_path, task=task), str(root))
-    sweep.run_sweep(s, runner=FakeRunner(fail={"lr=0.0003,seed=2"}), out=io.StringIO())
+    s = load_sweep(_config(tmp_path, task=task), str(root))
+    run_sweep(s, runner=FakeRunner(fail={"lr=0.0003,seed=2"}), out=io.StringIO())
     return s, root
 
 
@@ -435,10 +447,8 @@ def test_summary_rows_means_and_standard_deviations_over_seeds(tmp_path):
 
 def test_summary_of_pretraining_takes_the_best_evaluation_of_the_curve(tmp_path):
     root = tmp_path / "sw"
-    s = sweep.load_sweep(
-        _config(tmp_path, points='[{"train.seed": 0}, {"train.seed": 1}]'), str(root)
-    )
-    sweep.write_sweep_json(s)
+    s = load_sweep(_config(tmp_path, points='[{"train.seed": 0}, {"train.seed": 1}]'), str(root))
+    write_sweep_json(s)
     _fake_finished(root / "seed=0", acc=0.6, loss=2.0, finetune=False)
     (root / "seed=1").mkdir(parents=True)  # started, not finished
     summary = sweep_summary.summarise(str(root))
@@ -464,7 +474,7 @@ def test_summary_figure_has_a_subplot_per_swept_key(tmp_path):
     rows.append(
         {"status": "failed", "config_arg": "tiny", "train.learning_rate": 1e-1, "train.seed": 0}
     )
-    from flaxbert.plot import summary_figure
+    from flaxbert.sweeps.plot import summary_figure
 
     fig = summary_figure(rows, ["config_arg", "train.learning_rate", "train.seed"], "m")
     axes = fig.axes
@@ -538,11 +548,11 @@ def test_cli_sweep_dry_run_and_summary(tmp_path, capsys, monkeypatch):
 
 def test_example_sweep_configs_expand(repo_root, tmp_path, monkeypatch):
     monkeypatch.chdir(repo_root)
-    sst2 = sweep.load_sweep("configs/sweeps/sst2_lr_seed.py", str(tmp_path / "a"))
+    sst2 = load_sweep("configs/sweeps/sst2_lr_seed.py", str(tmp_path / "a"))
     assert len(sst2.points) == 9 and sst2.points[4].name == "lr=0.0001,seed=1"
     assert {p.command for p in sst2.points} == {"finetune"}
     assert sst2.points[0].main_metric == "eval/accuracy"
-    pre = sweep.load_sweep("configs/sweeps/pretrain_tiny.py", str(tmp_path / "b"))
+    pre = load_sweep("configs/sweeps/pretrain_tiny.py", str(tmp_path / "b"))
     assert [p.name for p in pre.points][:2] == ["tiny,lr=0.0003", "tiny,lr=0.001"]
     assert {p.command for p in pre.points} == {"pretrain"} and pre.points[-1].config_arg == "mini"
     assert pre.points[0].num_steps == 1000 and pre.points[0].main_metric == "eval/loss"

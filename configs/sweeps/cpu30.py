@@ -14,7 +14,7 @@ at the share of the most frequent pieces) within a few minutes?
 import os
 
 from flaxbert.config import load_module
-from flaxbert.sweep import concat, grid
+from flaxbert.sweeps.points import concat, grid
 
 _PRETRAIN = load_module(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pretrain.py")

@@ -24,7 +24,7 @@ about 3.5 minutes a tiny run (2026-12-01) and, from the mini step's speed-up sin
 import os
 
 from flaxbert.config import load_module
-from flaxbert.sweep import grid
+from flaxbert.sweeps.points import grid
 
 _PRETRAIN = load_module(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "pretrain.py")

@@ -24,7 +24,7 @@ examples, 3 epochs) takes hours on a 2-core CPU; for a quick look add
 import os
 
 from flaxbert.config import load_module
-from flaxbert.sweep import grid
+from flaxbert.sweeps.points import grid
 
 _FINETUNE = load_module(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "finetune.py")

@@ -1,40 +1,23 @@
-"""Plots of runs and sweeps (matplotlib, Agg backend, no display), and TensorBoard events read
-back without TensorFlow or TensorBoard.
+"""Plots of runs and sweeps (matplotlib, Agg backend, no display).
 
 `flaxbert plot WORKDIR... --out curves.png` draws the curves of each run's metrics.jsonl: one
-subplot per metric, one line per run. `flaxbert.sweep` uses `summary_figure` for a sweep's
-summary.png. Matplotlib is imported only when a figure is drawn.
+subplot per metric, one line per run. `flaxbert.sweeps.summary` uses `summary_figure` for a
+sweep's summary.png. Matplotlib is imported only when a figure is drawn.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
-import json
 import math
 import os
-import struct
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 
+from flaxbert.sweeps.logs import read_metrics
+from flaxbert.sweeps.points import is_seed_key
+
 LOSSES = ("loss", "eval/loss")  # always first in the default metrics, when present
-
-
-def read_metrics(workdir: str) -> list[dict]:
-    """The rows of WORKDIR/metrics.jsonl ([] without one; a line cut short by a kill is
-    dropped)."""
-    rows = []
-    try:
-        with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    pass
-    except OSError:
-        pass
-    return rows
 
 
 def _task_metric_names() -> set[str]:
@@ -148,8 +131,6 @@ def summary_figure(rows: Sequence[Mapping], swept: Sequence[str], metric: str):
     """`metric` of each finished point against each swept key (seed keys only when nothing
     else is swept): one subplot per key, points coloured by the values of the other keys,
     a line through each colour's mean at each value. Returns the Figure."""
-    from flaxbert.sweep import is_seed_key
-
     keys = [k for k in swept if not is_seed_key(k)] or list(swept)
     done = [r for r in rows if r.get("status") == "done" and _is_number(r.get(metric))]
     fig, axes = _figure(len(keys))
@@ -194,50 +175,6 @@ def summary_figure(rows: Sequence[Mapping], swept: Sequence[str], metric: str):
         if any(groups):
             ax.legend(fontsize="small")
     return fig
-
-
-# --- TensorBoard events ----------------------------------------------------------------
-
-
-def _records(path: str) -> Iterable[bytes]:
-    """The records of a TFRecord file (length, its CRC, data, its CRC); a record cut short at
-    the end (a writer killed mid-write) ends the file. CRCs are not checked."""
-    with open(path, "rb") as f:
-        while True:
-            header = f.read(12)
-            if len(header) < 12:
-                return
-            (length,) = struct.unpack("<Q", header[:8])
-            data = f.read(length)
-            if len(data) < length or len(f.read(4)) < 4:
-                return
-            yield data
-
-
-def read_tensorboard_scalars(logdir: str) -> dict[str, list[tuple[int, float]]]:
-    """tag -> [(step, value), ...] from the event files in `logdir`, oldest file first, as
-    TensorBoard shows them: a session restart at step S (a resumed run's `purge_step`) drops
-    the earlier values at steps >= S. Uses tensorboardX's protobuf classes only."""
-    from tensorboardX.proto import event_pb2
-
-    scalars: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))):
-        for data in _records(path):
-            event = event_pb2.Event.FromString(data)
-            if event.HasField("session_log") and event.session_log.status == 1:  # START
-                for tag, values in scalars.items():
-                    scalars[tag] = [(s, v) for s, v in values if s < event.step]
-            if not event.HasField("summary"):
-                continue
-            for value in event.summary.value:
-                if value.HasField("simple_value"):
-                    x = value.simple_value
-                elif value.HasField("tensor") and value.tensor.float_val:
-                    x = value.tensor.float_val[0]
-                else:
-                    continue
-                scalars.setdefault(value.tag, []).append((int(event.step), float(x)))
-    return scalars
 
 
 # --- command line ----------------------------------------------------------------------

@@ -16,15 +16,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from flaxbert.config import ConfigError
-from flaxbert.plot import read_metrics
-from flaxbert.sweep import (
-    CONFIG_ARG,
-    STATUSES,
-    is_seed_key,
-    point_status,
-    read_json,
-    value_text,
-)
+from flaxbert.sweeps.logs import read_json, read_metrics
+from flaxbert.sweeps.plot import save_figure, summary_figure
+from flaxbert.sweeps.points import CONFIG_ARG, is_seed_key, value_text
+from flaxbert.sweeps.status import STATUSES, point_status
 
 
 def _lower_is_better(key: str) -> bool:
@@ -193,8 +188,6 @@ def write_summary(sweep_dir: str, metric: str | None = None) -> list[str]:
         paths.append(grouped_csv)
     with open(paths[1], "w") as f:
         f.write("\n".join(md) + "\n")
-    from flaxbert.plot import save_figure, summary_figure  # matplotlib only when plotting
-
     png = os.path.join(sweep_dir, "summary.png")
     save_figure(summary_figure(s.rows, s.swept, s.metric), png)
     return [*paths, png]
