@@ -4,21 +4,22 @@ the reference a user would pick instead of flaxbert (`train_throughput.py --comp
     ref = TorchBert(model_config, config.train, threads=2)
     loss = ref.step(ref.batch(host_batch))   # one AdamW step on a flaxbert batch
 
-What it mirrors (`flaxbert.model.BertForPreTraining` and `flaxbert.train.make_train_step`):
-the same sizes, exact (erf) GELU, post-LayerNorm blocks, dropout at the same places and
-rates (embeddings, attention probabilities, after attention and feed-forward; on in `step`),
-the MLM decoder tied to the word embeddings, and the loss: mean MLM cross-entropy over the
-real predictions + mean NSP cross-entropy. Attention is `attn_implementation="sdpa"`
-(`torch.nn.functional.scaled_dot_product_attention`). The optimizer is `torch.optim.AdamW`
-(torch's default implementation for the device) with `train.adam_b1/adam_b2/adam_eps`,
-`train.weight_decay` on every parameter but LayerNorm weights and biases (flaxbert's
-`decay_mask`), and global-norm clipping at `train.max_grad_norm` (none when 0) as
-`make_optimizer` reads them; the learning rate is `train.learning_rate`, constant: flaxbert's
-warm-up and decay change no step's work, so for timing a constant one is the same. flaxbert's
-`optax.apply_if_finite` (one all-finite check of the gradients) has no counterpart here, and
-the batch is one (no `train.grad_accum_steps` micro-batches). tests/torch_reference_test.py
-checks that from the same parameters and batches, dropout off, the losses of three steps
-equal flaxbert's (`TorchBert.load_flax_params` copies flaxbert's parameters in).
+What it mirrors (`flaxbert.pretraining_model.BertForPreTraining` and
+`flaxbert.pretrain_step.make_train_step`): the same sizes, exact (erf) GELU, post-LayerNorm blocks,
+dropout at the same places and rates (embeddings, attention probabilities, after attention
+and feed-forward; on in `step`), the MLM decoder tied to the word embeddings, and the loss:
+mean MLM cross-entropy over the real predictions + mean NSP cross-entropy. Attention is
+`attn_implementation="sdpa"` (`torch.nn.functional.scaled_dot_product_attention`). The
+optimizer is `torch.optim.AdamW` (torch's default implementation for the device) with
+`train.adam_b1/adam_b2/adam_eps`, `train.weight_decay` on every parameter but LayerNorm
+weights and biases (flaxbert's `decay_mask`), and global-norm clipping at
+`train.max_grad_norm` (none when 0) as `make_optimizer` reads them; the learning rate is
+`train.learning_rate`, constant: flaxbert's warm-up and decay change no step's work, so for
+timing a constant one is the same. flaxbert's `optax.apply_if_finite` (one all-finite check
+of the gradients) has no counterpart here, and the batch is one (no `train.grad_accum_steps`
+micro-batches). tests/torch_reference_test.py checks that from the same parameters and
+batches, dropout off, the losses of three steps equal flaxbert's
+(`TorchBert.load_flax_params` copies flaxbert's parameters in).
 
 What differs, as users run it: transformers computes vocabulary logits at every position,
 (B, L, V), and its loss picks the masked ones through labels -100 elsewhere; flaxbert

@@ -27,7 +27,8 @@ from flaxbert.convert import (  # noqa: E402
     read_params,
     vocabulary_order,
 )
-from flaxbert.model import BertConfig, BertForPreTraining, stack_layers  # noqa: E402
+from flaxbert.model import BertConfig, stack_layers  # noqa: E402
+from flaxbert.pretraining_model import BertForPreTraining  # noqa: E402
 from flaxbert.tokenizer import (  # noqa: E402
     SPECIAL_TOKENS,
     Tokenizer,
@@ -266,7 +267,8 @@ def test_scanned_and_bare_encoder_checkpoints_export(hf, tmp_path):
 
 
 def test_finetune_takes_a_converted_directory(hf, repo_root, tmp_path):
-    from flaxbert.finetune import finetune, model_config_for, resolve_tokenizer
+    from flaxbert.finetune import finetune
+    from flaxbert.finetune_setup import model_config_for, resolve_tokenizer
 
     _, _, msgpack_dir, _ = hf
     converted = import_hf(str(msgpack_dir), str(tmp_path / "converted"))
@@ -542,7 +544,7 @@ def test_every_head_combination_converts_and_runs(hf, tmp_path, combination):
     (the encoder's vectors, equal for every layout), and export (the architecture that has
     those heads, importing back to the same parameters)."""
     from flaxbert.features import extract_features
-    from flaxbert.model import heads_of
+    from flaxbert.pretraining_model import heads_of
 
     model, params, *_, st_dir = hf
     heads, architecture = COMBINATIONS[combination]

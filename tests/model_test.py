@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxbert.model import BertConfig, BertForPreTraining, BertModel
+from flaxbert.model import BertConfig, BertModel
+from flaxbert.pretraining_model import BertForPreTraining
 
 CFG = BertConfig(
     vocab_size=97,
@@ -213,7 +214,7 @@ def test_every_head_combination_runs(kept):
     batch = _inputs()
     full = _init(BertForPreTraining(CFG), batch)
     params = _without(full, {"pooler", "mlm", "nsp"} - set(kept))
-    from flaxbert.model import heads_of
+    from flaxbert.pretraining_model import heads_of
 
     assert heads_of(params) == kept
     variables = {"params": params}
