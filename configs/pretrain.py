@@ -146,7 +146,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.parallel.fsdp = 1  # shards parameters + optimizer state (and the batch)
     c.parallel.tensor = 1  # Megatron-style: splits heads, feed-forward units, vocabulary
     # Logical axis -> mesh axes, by precedence, e.g. 'batch=data+fsdp,heads=tensor,mlp=tensor,
-    # vocab=tensor,embed=fsdp' (the default, flaxbert.sharding.DEFAULT_RULES, when empty).
+    # vocab=tensor,embed=fsdp' (the default, flaxbert.mesh_rules.DEFAULT_RULES, when empty).
     c.parallel.rules = ""
 
     # Saved (asynchronously) every `every_steps`, at the end and on SIGTERM, into

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 from tiny import tiny_overrides
 
-from flaxbert import cli, distributed, sharding, train
+from flaxbert import cli, distributed, mesh_rules, sharding, train
 from flaxbert.config import ConfigError, load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
-from flaxbert.model import BertConfig, BertForPreTraining
+from flaxbert.model import BertConfig
+from flaxbert.pretraining_model import BertForPreTraining
 
 SEQ, PRED, BATCH, STEPS = 32, 5, 16, 3
 MESH = ("data", "fsdp", "tensor")
@@ -224,25 +225,25 @@ def test_pretrain_loop_under_pmap(repo_root, tmp_path):
 def test_bad_mesh_sizes_are_config_errors(repo_root, sizes, message):
     config = _config(repo_root, "pjit", *sizes)
     with pytest.raises(ConfigError, match=message) as e:
-        sharding.make_mesh(config.parallel)
+        mesh_rules.make_mesh(config.parallel)
     assert all(f"parallel.{k}" in str(e.value) for k in ("data", "fsdp", "tensor"))
 
 
 def test_mesh_sizes_and_rules(repo_root):
     config = _config(repo_root, "pjit", 2, -1, 2)
-    mesh = sharding.make_mesh(config.parallel)
+    mesh = mesh_rules.make_mesh(config.parallel)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
-    rules = sharding.parse_rules("")
+    rules = mesh_rules.parse_rules("")
     assert dict(rules)["batch"] == ("data", "fsdp") and dict(rules)["heads"] == ("tensor",)
-    assert sharding.parse_rules("batch=data,length=") == (("batch", ("data",)), ("length", None))
+    assert mesh_rules.parse_rules("batch=data,length=") == (("batch", ("data",)), ("length", None))
     # 2 heads cannot be split 4 ways: that rule is dropped, the others stay.
-    mesh4 = sharding.make_mesh(_config(repo_root, "pjit", 2, 1, 4).parallel)
-    fitted = dict(sharding.fit_rules(rules, mesh4, {"heads": 2, "mlp": 64}))
+    mesh4 = mesh_rules.make_mesh(_config(repo_root, "pjit", 2, 1, 4).parallel)
+    fitted = dict(mesh_rules.fit_rules(rules, mesh4, {"heads": 2, "mlp": 64}))
     assert fitted["heads"] is None and fitted["mlp"] == ("tensor",)
     with pytest.raises(ConfigError, match="parallel.rules.*unknown mesh axis 'model'"):
-        sharding.parse_rules("heads=model")
+        mesh_rules.parse_rules("heads=model")
     with pytest.raises(ConfigError, match="parallel.rules.*unknown logical axis 'head'"):
-        sharding.parse_rules("head=tensor")
+        mesh_rules.parse_rules("head=tensor")
 
 
 def test_strategy_config_errors_stop_before_work(repo_root, tmp_path):
