@@ -344,6 +344,19 @@ def read_meta(path: str) -> tuple[str, dict]:
         raise CheckpointNotFoundError(f"cannot read {meta_file}: {e}") from None
 
 
+def model_config_of(meta: dict, dropout: bool = True):
+    """The `BertConfig` a checkpoint's `meta` records (`model`, or the run config's
+    `config.model`); with `dropout=False` both dropout rates are 0, the model as inference
+    (feature extraction, fill-mask) runs it. Raises what `BertConfig.from_dict` raises, or
+    KeyError / TypeError for a meta without a model config."""
+    from flaxbert.model import BertConfig
+
+    values = meta.get("model") or meta["config"]["model"]
+    if not dropout:
+        values = {**values, "hidden_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
+    return BertConfig.from_dict(values)
+
+
 def _params_item(step_dir: str):
     """(orbax handler, path) of a checkpoint's `params` item, read on its own.
 

@@ -75,13 +75,7 @@ def extract_features(
     directory; any head combination, pooler or not). Returns a summary dict (lines, rows,
     dim, layers, truncated, seconds, npy, index). Raises ValueError (a bad flag or input
     line) or CheckpointNotFoundError (no checkpoint at `checkpoint`)."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-
     from flaxbert import checkpoint as ckpt
-    from flaxbert.finetune_tasks import encode_pair
-    from flaxbert.model import BertConfig, BertModel
     from flaxbert.tokenizer import load_tokenizer
 
     if pooling not in ("none", "cls", "mean"):
@@ -91,10 +85,7 @@ def extract_features(
         os.path.abspath(os.path.expanduser(p)) for p in (checkpoint, input_file, output)
     )
     step_dir, meta = ckpt.read_meta(checkpoint)
-    model_values = meta.get("model") or meta["config"]["model"]
-    config = BertConfig.from_dict(
-        {**model_values, "hidden_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
-    )
+    config = ckpt.model_config_of(meta, dropout=False)
     which = parse_layers(layers, config.num_layers)
     max_seq_length = max_seq_length or min(128, config.max_position_embeddings)
     if max_seq_length > config.max_position_embeddings:
@@ -108,6 +99,47 @@ def extract_features(
     tokenizer = load_tokenizer(tokenizer_path)
     texts = read_lines(input_file)
 
+    model, params = _load_encoder(checkpoint, step_dir, config)
+    run = _features_fn(model, which, pooling)
+    start = time.perf_counter()
+    matrix, index, truncated = _run_lines(
+        run, params, tokenizer, texts, pooling, batch_size, max_seq_length
+    )
+    npy, jsonl = _write_features(output, matrix, index)
+    summary = {
+        "lines": len(texts),
+        "rows": int(matrix.shape[0]),
+        "dim": int(matrix.shape[1]),
+        "layers": which,
+        "truncated": truncated,
+        "seconds": time.perf_counter() - start,
+        "npy": npy,
+        "index": jsonl,
+    }
+    log.info(
+        "extract-features: %d lines -> %s (%d x %d, layers %s of %s), index %s%s",
+        len(texts),
+        npy,
+        matrix.shape[0],
+        matrix.shape[1],
+        layers,
+        step_dir,
+        jsonl,
+        f"; {truncated} lines truncated to {max_seq_length} tokens" if truncated else "",
+    )
+    return summary
+
+
+def _load_encoder(checkpoint: str, step_dir: str, config):
+    """(BertModel without the pooler, its parameters) of the checkpoint in `step_dir`: only
+    the encoder (`bert`) is read, onto the first device, whatever heads the checkpoint has."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from flaxbert import checkpoint as ckpt
+    from flaxbert.model import BertModel
+
     model = BertModel(config, add_pooler=False)
     z = jnp.zeros((1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), z, z, z))["params"]
@@ -116,6 +148,15 @@ def extract_features(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), nn.unbox(abstract)
     )
     params = ckpt.restore_params(checkpoint, {"bert": abstract}, step_dir=step_dir)["bert"]
+    return model, params
+
+
+def _features_fn(model, which: list[int], pooling: str):
+    """The jitted `(params, input_ids, input_mask, segment_ids) -> features`: the hidden
+    states of layers `which` concatenated per token, (B, L, X); or pooled, (B, X), by the
+    [CLS] vector (`pooling` 'cls') or the mean over the real tokens ('mean')."""
+    import jax
+    import jax.numpy as jnp
 
     @jax.jit
     def run(params, input_ids, input_mask, segment_ids):
@@ -130,22 +171,20 @@ def extract_features(
             return jnp.sum(h_BLX * m, 1) / jnp.maximum(jnp.sum(m, 1), 1.0)
         return h_BLX
 
-    start = time.perf_counter()
+    return run
+
+
+def _run_lines(run, params, tokenizer, texts, pooling: str, batch_size: int, max_seq_length: int):
+    """(the features of every line stacked, one row per token or per line (`pooling`); the
+    index, one dict per line: its line number, token ids and pieces and its rows [start,
+    end); how many lines were truncated) of `texts` run through `run` (`_features_fn`)
+    `batch_size` lines at a time."""
     rows, index, n_rows, truncated = [], [], 0, 0
     for b in range(0, len(texts), batch_size):
         chunk = texts[b : b + batch_size]
-        ids_B = np.zeros((batch_size, max_seq_length), np.int32)
-        seg_B = np.zeros_like(ids_B)
-        encoded = []
-        for i, (a, pair) in enumerate(chunk):
-            ids, segs, cut = encode_pair(tokenizer, a, pair, max_seq_length)
-            truncated += cut
-            ids_B[i, : len(ids)], seg_B[i, : len(segs)] = ids, segs
-            encoded.append(ids)
-        lengths = np.zeros((batch_size, 1), np.int32)
-        lengths[: len(encoded), 0] = [len(e) for e in encoded]
-        mask_B = (np.arange(max_seq_length)[None] < lengths).astype(np.int32)
-        out = np.asarray(run(params, ids_B, mask_B, seg_B), np.float32)
+        batch, encoded, cut = _encode_batch(tokenizer, chunk, batch_size, max_seq_length)
+        truncated += cut
+        out = np.asarray(run(params, *batch), np.float32)
         for i, ids in enumerate(encoded):
             vectors = out[i, : len(ids)] if pooling == "none" else out[i : i + 1]
             rows.append(vectors)
@@ -158,35 +197,39 @@ def extract_features(
                 }
             )
             n_rows += len(vectors)
-    matrix = np.concatenate(rows)
+    return np.concatenate(rows), index, truncated
+
+
+def _encode_batch(tokenizer, chunk, batch_size: int, max_seq_length: int):
+    """((input_ids, input_mask, segment_ids), each (batch_size, max_seq_length) int32, rows
+    past the chunk's all padding; each line's ids; how many lines were truncated) of
+    `chunk`, (text, pair text or None) per line, encoded as [CLS] A [SEP] (B [SEP])."""
+    from flaxbert.finetune_tasks import encode_pair
+
+    ids_B = np.zeros((batch_size, max_seq_length), np.int32)
+    seg_B = np.zeros_like(ids_B)
+    encoded, truncated = [], 0
+    for i, (a, pair) in enumerate(chunk):
+        ids, segs, cut = encode_pair(tokenizer, a, pair, max_seq_length)
+        truncated += cut
+        ids_B[i, : len(ids)], seg_B[i, : len(segs)] = ids, segs
+        encoded.append(ids)
+    lengths = np.zeros((batch_size, 1), np.int32)
+    lengths[: len(encoded), 0] = [len(e) for e in encoded]
+    mask_B = (np.arange(max_seq_length)[None] < lengths).astype(np.int32)
+    return (ids_B, mask_B, seg_B), encoded, truncated
+
+
+def _write_features(output: str, matrix: np.ndarray, index: list[dict]) -> tuple[str, str]:
+    """Writes `matrix` as OUT.npy and `index` as OUT.jsonl (OUT: `output` less a trailing
+    .npy), creating the directory; returns the two paths."""
     base = output[:-4] if output.endswith(".npy") else output
     os.makedirs(os.path.dirname(os.path.abspath(base)), exist_ok=True)
     np.save(base + ".npy", matrix)
     with open(base + ".jsonl", "w", encoding="utf-8") as f:
         for row in index:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    summary = {
-        "lines": len(texts),
-        "rows": int(matrix.shape[0]),
-        "dim": int(matrix.shape[1]),
-        "layers": which,
-        "truncated": truncated,
-        "seconds": time.perf_counter() - start,
-        "npy": base + ".npy",
-        "index": base + ".jsonl",
-    }
-    log.info(
-        "extract-features: %d lines -> %s (%d x %d, layers %s of %s), index %s%s",
-        len(texts),
-        summary["npy"],
-        matrix.shape[0],
-        matrix.shape[1],
-        layers,
-        step_dir,
-        summary["index"],
-        f"; {truncated} lines truncated to {max_seq_length} tokens" if truncated else "",
-    )
-    return summary
+    return base + ".npy", base + ".jsonl"
 
 
 def add_extract_features_parser(subparsers) -> argparse.ArgumentParser:

@@ -96,69 +96,27 @@ def fill_mask(checkpoint: str, texts: list[str], top_k: int = 5) -> list[FilledT
     not). Raises FillMaskError (a text or flag it cannot use, no tokenizer, no MLM head) or
     CheckpointNotFoundError (no checkpoint at `checkpoint`); both are UserErrors."""
     import jax
-    import jax.numpy as jnp
 
     from flaxbert import checkpoint as ckpt
-    from flaxbert.model import BertConfig, BertForPreTraining, heads_of
-    from flaxbert.tokenizer import MASK_ID, load_tokenizer
+    from flaxbert.tokenizer import MASK_ID
 
     if not texts:
         raise FillMaskError("no text given: pass one or more texts holding [MASK]")
     checkpoint = os.path.abspath(os.path.expanduser(checkpoint))
     step_dir, meta = ckpt.read_meta(checkpoint)
-    model_values = meta.get("model") or meta["config"]["model"]
-    config = BertConfig.from_dict(
-        {**model_values, "hidden_dropout_rate": 0.0, "attention_dropout_rate": 0.0}
-    )
+    config = ckpt.model_config_of(meta, dropout=False)
     if not 1 <= top_k <= config.vocab_size:
         raise FillMaskError(
             f"--top-k {top_k}: give 1..{config.vocab_size} (the model's vocabulary size)"
         )
-    tokenizer_path = ckpt.tokenizer_of(checkpoint)
-    if not tokenizer_path:
-        raise FillMaskError(
-            f"{step_dir} has no tokenizer (pre-trained on the embedded synthetic corpus, "
-            "whose ids no text can spell); use a workdir pre-trained on text or converted"
-        )
-    try:
-        tokenizer = load_tokenizer(tokenizer_path)
-    except (ValueError, FileNotFoundError) as e:
-        raise FillMaskError(f"the tokenizer of {step_dir}: {e}") from None
+    tokenizer = _load_tokenizer(checkpoint, step_dir)
     ids = [
         encode_masked(tokenizer, text, n, config.max_position_embeddings)
         for n, text in enumerate(texts, start=1)
     ]
-
-    params = ckpt.host_params(step_dir)
-    if "mlm" not in heads_of(params):
-        raise FillMaskError(
-            f"{step_dir} has no masked-LM head (it holds "
-            f"{', '.join(heads_of(params)) or 'the encoder only'}, as a converted BertModel "
-            "does): fill-mask needs the head that predicts pieces"
-        )
-    model = BertForPreTraining.for_params(config, params)
-
-    # Padded to a multiple of 8 tokens: texts of similar length share one compiled program.
-    length = -(-max(len(x) for x in ids) // 8) * 8
-    length = min(length, config.max_position_embeddings)
-    input_ids_BL = np.zeros((len(ids), length), np.int32)
-    for b, x in enumerate(ids):
-        input_ids_BL[b, : len(x)] = x
-    lengths_B1 = np.asarray([[len(x)] for x in ids])
-    input_mask_BL = (np.arange(length)[None] < lengths_B1).astype(np.int32)
-
-    @jax.jit
-    def top_pieces(params, input_ids_BL, input_mask_BL):
-        logits_BLV = model.apply(
-            {"params": params},
-            input_ids_BL,
-            input_mask_BL,
-            jnp.zeros_like(input_ids_BL),
-            method=BertForPreTraining.all_position_mlm_logits,
-        )
-        probs_BLV = jax.nn.softmax(logits_BLV.astype(jnp.float32), axis=-1)
-        return jax.lax.top_k(probs_BLV, top_k)  # (B, L, K) probabilities and ids
-
+    model, params = _load_mlm_model(step_dir, config)
+    input_ids_BL, input_mask_BL = _pad(ids, config.max_position_embeddings)
+    top_pieces = _top_pieces_fn(model, top_k)
     probs_BLK, ids_BLK = jax.device_get(top_pieces(params, input_ids_BL, input_mask_BL))
 
     def piece(i: int) -> str:
@@ -178,6 +136,76 @@ def fill_mask(checkpoint: str, texts: list[str], top_k: int = 5) -> list[FilledT
         ]
         results.append(FilledText(text, [piece(int(i)) for i in x], masks))
     return results
+
+
+def _load_tokenizer(checkpoint: str, step_dir: str):
+    """The tokenizer `checkpoint` was trained with; FillMaskError when it has none or it
+    cannot be read."""
+    from flaxbert import checkpoint as ckpt
+    from flaxbert.tokenizer import load_tokenizer
+
+    tokenizer_path = ckpt.tokenizer_of(checkpoint)
+    if not tokenizer_path:
+        raise FillMaskError(
+            f"{step_dir} has no tokenizer (pre-trained on the embedded synthetic corpus, "
+            "whose ids no text can spell); use a workdir pre-trained on text or converted"
+        )
+    try:
+        return load_tokenizer(tokenizer_path)
+    except (ValueError, FileNotFoundError) as e:
+        raise FillMaskError(f"the tokenizer of {step_dir}: {e}") from None
+
+
+def _load_mlm_model(step_dir: str, config):
+    """(the BertForPreTraining that fits the checkpoint in `step_dir`, its parameters on the
+    host); FillMaskError when it has no masked-LM head."""
+    from flaxbert import checkpoint as ckpt
+    from flaxbert.pretraining_model import BertForPreTraining, heads_of
+
+    params = ckpt.host_params(step_dir)
+    if "mlm" not in heads_of(params):
+        raise FillMaskError(
+            f"{step_dir} has no masked-LM head (it holds "
+            f"{', '.join(heads_of(params)) or 'the encoder only'}, as a converted BertModel "
+            "does): fill-mask needs the head that predicts pieces"
+        )
+    return BertForPreTraining.for_params(config, params), params
+
+
+def _pad(ids: list[np.ndarray], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids_BL, input_mask_BL) int32 of the texts' ids, padded to a multiple of 8
+    tokens (at most `max_length`): texts of similar length share one compiled program."""
+    length = -(-max(len(x) for x in ids) // 8) * 8
+    length = min(length, max_length)
+    input_ids_BL = np.zeros((len(ids), length), np.int32)
+    for b, x in enumerate(ids):
+        input_ids_BL[b, : len(x)] = x
+    lengths_B1 = np.asarray([[len(x)] for x in ids])
+    input_mask_BL = (np.arange(length)[None] < lengths_B1).astype(np.int32)
+    return input_ids_BL, input_mask_BL
+
+
+def _top_pieces_fn(model, top_k: int):
+    """The jitted `(params, input_ids_BL, input_mask_BL) -> (probabilities, ids)`, each
+    (B, L, K): the `top_k` most probable pieces at every position, one segment."""
+    import jax
+    import jax.numpy as jnp
+
+    from flaxbert.pretraining_model import BertForPreTraining
+
+    @jax.jit
+    def top_pieces(params, input_ids_BL, input_mask_BL):
+        logits_BLV = model.apply(
+            {"params": params},
+            input_ids_BL,
+            input_mask_BL,
+            jnp.zeros_like(input_ids_BL),
+            method=BertForPreTraining.all_position_mlm_logits,
+        )
+        probs_BLV = jax.nn.softmax(logits_BLV.astype(jnp.float32), axis=-1)
+        return jax.lax.top_k(probs_BLV, top_k)  # (B, L, K) probabilities and ids
+
+    return top_pieces
 
 
 def format_probability(p: float) -> str:
