@@ -143,7 +143,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import train_throughput as tt  # noqa: E402
 
-from flaxbert import attention, train  # noqa: E402
+from flaxbert import attention, pretrain_step, train  # noqa: E402
 from flaxbert.config import load_config  # noqa: E402
 from flaxbert.pretraining_model import BertForPreTraining  # noqa: E402
 
@@ -597,14 +597,16 @@ def attention_model_check(plan: Plan) -> dict:
     batch_np = synthetic_batch(
         np.random.default_rng(0), batch, seq, shape.predictions, plan.vocab_size
     )
-    params = train.init_params(BertForPreTraining(base), jax.random.key(0), seq, shape.predictions)
+    params = pretrain_step.init_params(
+        BertForPreTraining(base), jax.random.key(0), seq, shape.predictions
+    )
 
     def run(impl, dtype):
         model = BertForPreTraining(dataclasses.replace(base, attention_impl=impl, dtype=dtype))
 
         def loss_fn(params, batch):
-            sums = train.pretraining_sums(model, params, batch, deterministic=True)
-            return train.summarise(sums)["loss"]
+            sums = pretrain_step.pretraining_sums(model, params, batch, deterministic=True)
+            return pretrain_step.summarise(sums)["loss"]
 
         fn = jax.jit(jax.value_and_grad(loss_fn))
         loss, grads = fn(params, batch_np)

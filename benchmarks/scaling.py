@@ -30,7 +30,7 @@ def child(args) -> None:
     import jax
     import numpy as np
 
-    from flaxbert import sharding, train
+    from flaxbert import pretrain_step, sharding, train
     from flaxbert.config import load_config
     from flaxbert.data.pretraining import PretrainingBatches
     from flaxbert.data.sources import load_corpus
@@ -42,7 +42,7 @@ def child(args) -> None:
     model_config = train.validate_pretrain_config(config)
     parallel = sharding.make_parallel(  # the first N devices (all of them with fake CPUs)
         config.parallel,
-        train.logical_dims(model_config),
+        pretrain_step.logical_dims(model_config),
         config.train.batch_size,
         devices=jax.devices()[: args.devices],
     )

@@ -5,7 +5,7 @@ the reference a user would pick instead of flaxbert (`train_throughput.py --comp
     loss = ref.step(ref.batch(host_batch))   # one AdamW step on a flaxbert batch
 
 What it mirrors (`flaxbert.pretraining_model.BertForPreTraining` and
-`flaxbert.train.make_train_step`): the same sizes, exact (erf) GELU, post-LayerNorm blocks,
+`flaxbert.pretrain_step.make_train_step`): the same sizes, exact (erf) GELU, post-LayerNorm blocks,
 dropout at the same places and rates (embeddings, attention probabilities, after attention
 and feed-forward; on in `step`), the MLM decoder tied to the word embeddings, and the loss:
 mean MLM cross-entropy over the real predictions + mean NSP cross-entropy. Attention is

@@ -38,7 +38,7 @@ TF32, which the output notes) from a table of device kinds, or --peak-tflops; "n
 is known (CPUs).
 
 --compare-hf times transformers' FlaxBertForPreTraining (transformers<5) in the same run: the
-same sizes, batches, optimizer (`flaxbert.train.make_optimizer`), dropout, dtype and devices,
+same sizes, batches, optimizer (`flaxbert.optim.make_optimizer`), dropout, dtype and devices,
 its loss the cross-entropy of its (B, S, V) logits at the masked positions plus NSP; the last
 line is then `step_time_ratio_vs_hf=<flaxbert median step time / transformers' one>`.
 
@@ -97,7 +97,7 @@ from benchmarks.torch_reference import (
     mlm_labels,
     torch_version_line,
 )
-from flaxbert import train
+from flaxbert import optim, train
 from flaxbert.cli import split_config_overrides
 from flaxbert.config import ConfigError, load_config, require
 from flaxbert.data.pretraining import PretrainingBatches, prefetch
@@ -370,7 +370,7 @@ def bench_hf(bench: Bench, args) -> Timing:
     hf_config = HFBertConfig(**hf_config_kwargs(m))
     model = FlaxBertForPreTraining(hf_config, seed=0, dtype=jnp.dtype(m.dtype), _do_init=True)
     module, params = model.module, flax.core.unfreeze(model.params)
-    _, tx = train.make_optimizer(bench.config.train)
+    _, tx = optim.make_optimizer(bench.config.train)
 
     def loss_fn(params, batch, rng):
         out = module.apply(
@@ -400,14 +400,14 @@ def bench_hf(bench: Bench, args) -> Timing:
         loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, rng)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return train.TrainState(state.step + 1, params, opt_state), {"loss": loss}
+        return optim.TrainState(state.step + 1, params, opt_state), {"loss": loss}
 
     mesh = Mesh(np.array(jax.devices()[: bench.setup.parallel.num_devices]), ("data",))
     replicated, rows = (
         NamedSharding(mesh, PartitionSpec()),
         NamedSharding(mesh, PartitionSpec("data")),
     )
-    state = train.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+    state = optim.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
     state = jax.device_put(state, replicated)
     rng = jax.device_put(jax.random.key(1), replicated)
     batches = [jax.device_put(hf_batch(b), rows) for b in bench.host_batches]

@@ -208,10 +208,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     if getattr(args, "func", None) is not None:  # data commands: their own handlers
-        from flaxbert.data import text
+        from flaxbert.data import text_io
 
         args.config_overrides = overrides  # `flaxbert sweep` passes them to every point
-        with text.default_spelling("flags"):  # a corpus error names --errors, --text-field
+        with text_io.default_spelling("flags"):  # a corpus error names --errors, --text-field
             return args.func(args)
     config = load_config(args.config, overrides)
     if args.command in ("pretrain", "compile", "finetune"):

@@ -17,10 +17,10 @@ import numpy as np
 import optax
 
 from flaxbert import metrics as metrics_lib
-from flaxbert.data.pretraining import PackedRows, fill_packed, plan_packing
+from flaxbert.data.packing import PackedRows, fill_packed, plan_packing
 from flaxbert.data.token_labels import IGNORE_INDEX as IGNORE
-from flaxbert.model import (
-    BertConfig,
+from flaxbert.model import BertConfig
+from flaxbert.task_heads import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
@@ -295,16 +295,21 @@ class QAKind:
         return {k: float(v) for k, v in scores.items()}, rows
 
 
+# config.kind -> the kind, from (label names, metric set). A new kind is one more row.
+KINDS = {
+    "classification": lambda labels, metrics: SequenceKind(len(labels), False, metrics),
+    "regression": lambda labels, metrics: SequenceKind(1, True, metrics),
+    "token_classification": lambda labels, metrics: TokenKind(labels),
+    "qa": lambda labels, metrics: QAKind(),
+}
+
+
 def make_kind(kind: str, label_names: list[str], metric_set: str):
-    if kind == "classification":
-        return SequenceKind(len(label_names), False, metric_set)
-    if kind == "regression":
-        return SequenceKind(1, True, metric_set)
-    if kind == "token_classification":
-        return TokenKind(label_names)
-    if kind == "qa":
-        return QAKind()
-    raise ValueError(f"unknown task kind {kind!r}")
+    """The task kind `config.kind` names, for `label_names` (data.label_list) and
+    `metric_set` (config.metrics). Raises ValueError for a kind not in `KINDS`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown task kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return KINDS[kind](label_names, metric_set)
 
 
 def dummy_inputs(seq_len: int):
@@ -322,7 +327,7 @@ def num_params(tree) -> int:
 class PackedEpochs:
     """Training batches of packed rows (`data.packing`, [CLS] tasks): each epoch visits the
     examples in a fresh order (seeded by (seed, epoch)) and packs them, in that order, into
-    batches of `batch_size` rows (`flaxbert.data.pretraining.plan_packing`). Epochs differ a
+    batches of `batch_size` rows (`flaxbert.data.packing.plan_packing`). Epochs differ a
     little in length; a step's batch is a pure function of (seed, step), so resuming needs
     only the step."""
 

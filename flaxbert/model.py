@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import importlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -577,28 +576,3 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
     for i in range(num_layers):
         params[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return params
-
-
-# Moved to `flaxbert.pretraining_model` and `flaxbert.task_heads` (both import this module):
-# still importable from here, each loaded on first use, so that importing this module
-# imports neither of them (no import cycle).
-_MOVED = {
-    **dict.fromkeys(
-        ("PretrainingOutput", "HEADS", "heads_of", "BertForPreTraining"),
-        "flaxbert.pretraining_model",
-    ),
-    **dict.fromkeys(
-        (
-            "BertForSequenceClassification",
-            "BertForTokenClassification",
-            "BertForQuestionAnswering",
-        ),
-        "flaxbert.task_heads",
-    ),
-}
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_MOVED[name]), name)

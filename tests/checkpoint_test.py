@@ -17,7 +17,7 @@ import pytest
 from tiny import tiny_overrides
 
 from flaxbert import checkpoint as ckpt
-from flaxbert import train
+from flaxbert import pretrain_step, train
 from flaxbert.config import load_config
 from flaxbert.data.pretraining import PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
@@ -44,7 +44,7 @@ def _setup(config, devices=None):
     parallel = None
     if devices is not None:
         parallel = train.make_parallel(
-            config.parallel, train.logical_dims(model_config), 16, 16, devices=devices
+            config.parallel, pretrain_step.logical_dims(model_config), 16, 16, devices=devices
         )
     return train.setup_training(config, model_config, parallel)
 

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 
 from flaxbert.data.synthetic import SyntheticCorpus
-from flaxbert.train import STEP_METRICS
+from flaxbert.pretrain_step import STEP_METRICS
 
 
 def _run(args, cwd, timeout=600):

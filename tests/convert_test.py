@@ -267,7 +267,8 @@ def test_scanned_and_bare_encoder_checkpoints_export(hf, tmp_path):
 
 
 def test_finetune_takes_a_converted_directory(hf, repo_root, tmp_path):
-    from flaxbert.finetune import finetune, model_config_for, resolve_tokenizer
+    from flaxbert.finetune import finetune
+    from flaxbert.finetune_setup import model_config_for, resolve_tokenizer
 
     _, _, msgpack_dir, _ = hf
     converted = import_hf(str(msgpack_dir), str(tmp_path / "converted"))

@@ -16,7 +16,7 @@ import pytest
 from shared_data import DATA, corpus_head, require
 
 from flaxbert import checkpoint as ckpt
-from flaxbert import finetune as finetune_lib
+from flaxbert import loop
 from flaxbert.config import load_config
 from flaxbert.finetune import finetune
 from flaxbert.monitor import MetricWriter
@@ -57,7 +57,7 @@ def _config(repo_root, tokenizer, *extra):
 
 def _poison(monkeypatch, steps):
     """The batches of these (1-based) steps get a NaN example weight: a non-finite loss."""
-    original = finetune_lib.prefetch
+    original = loop.prefetch
 
     def prefetch(make, steps_range, depth):
         def poisoned(step0):
@@ -70,7 +70,7 @@ def _poison(monkeypatch, steps):
 
         return original(poisoned, steps_range, depth)
 
-    monkeypatch.setattr(finetune_lib, "prefetch", prefetch)
+    monkeypatch.setattr(loop, "prefetch", prefetch)
 
 
 def _sigterm_at_eval(monkeypatch, n):
@@ -87,7 +87,7 @@ def _sigterm_at_eval(monkeypatch, n):
                 if Writer.evals == n:
                     os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(finetune_lib, "MetricWriter", Writer)
+    monkeypatch.setattr(loop, "MetricWriter", Writer)
 
 
 def _eval_rows(workdir):

@@ -12,7 +12,7 @@ from shared_data import TASKS, require
 from tiny import SMALL_MODEL, ko_en_pretraining_workdir
 
 from flaxbert import checkpoint as ckpt
-from flaxbert import finetune_tasks, train
+from flaxbert import finetune_tasks, optim
 from flaxbert.config import ConfigError, load_config
 from flaxbert.features import extract_features
 from flaxbert.finetune import finetune
@@ -258,14 +258,15 @@ def test_finetune_step_fits_a_small_batch(repo_root):
     """The fine-tuning step learns: 40 steps of the real step and optimizer (no dropout) on
     one batch of 16 random examples drive its loss from chance (ln 3) to a fraction of it."""
     from flaxbert.data.synthetic import VOCAB_SIZE
-    from flaxbert.finetune import _optimizer_config, make_finetune_step
+    from flaxbert.finetune_step import make_finetune_step
+    from flaxbert.finetune_step import optimizer_config as _optimizer_config
     from flaxbert.model import BertConfig
     from flaxbert.task_heads import BertForSequenceClassification
 
     config = load_config(str(repo_root / "configs/finetune.py") + ":sst2,tiny", [])
     t = _optimizer_config(config.train, 40)
     t.learning_rate, t.warmup_steps = 3e-3, 0
-    schedule, tx = train.make_optimizer(t)
+    schedule, tx = optim.make_optimizer(t)
     model_config = BertConfig(
         vocab_size=VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=2,
         intermediate_size=64, max_position_embeddings=16,
@@ -284,7 +285,7 @@ def test_finetune_step_fits_a_small_batch(repo_root):
     }
     params = model.init(jax.random.key(0), ids[:1], batch["input_mask"][:1], ids[:1] * 0)
     params = flax.linen.unbox(params["params"])
-    state = train.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
+    state = optim.TrainState(jnp.asarray(0, jnp.int32), params, tx.init(params))
     step = jax.jit(make_finetune_step(model, kind, tx, schedule))
     losses = []
     for _ in range(40):

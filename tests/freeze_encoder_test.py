@@ -16,18 +16,18 @@ from tiny import SMALL_MODEL, ko_en_pretraining_workdir
 
 from flaxbert import checkpoint as ckpt
 from flaxbert import finetune as finetune_lib
-from flaxbert import finetune_tasks, train
+from flaxbert import finetune_tasks, optim
 from flaxbert.config import load_config
 from flaxbert.data.synthetic import VOCAB_SIZE
-from flaxbert.finetune import (
+from flaxbert.finetune import finetune
+from flaxbert.finetune_step import (
     ParamCounts,
-    _optimizer_config,
     apply_task_model,
     count_params,
-    finetune,
     make_finetune_step,
     trainable_params,
 )
+from flaxbert.finetune_step import optimizer_config as _optimizer_config
 from flaxbert.model import BertConfig
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -81,13 +81,13 @@ def _run_frozen_steps(repo_root, steps: int, grad_accum_steps: int, dropout: flo
     config = load_config(str(repo_root / "configs/finetune.py") + ":sst2,tiny", [])
     t = _optimizer_config(config.train, steps)
     t.learning_rate, t.warmup_steps = 0.1, 0
-    schedule, tx = train.make_optimizer(t)
+    schedule, tx = optim.make_optimizer(t)
     kind = finetune_tasks.SequenceKind(3, False, "accuracy")
     model = kind.model(_tiny_model_config(dropout))
     batch = _batch()
     ids = batch["input_ids"][:1]
     params = flax.linen.unbox(model.init(jax.random.key(0), ids, ids * 0 + 1, ids * 0)["params"])
-    state = train.TrainState(
+    state = optim.TrainState(
         jnp.asarray(0, jnp.int32), params, tx.init(trainable_params(params, True))
     )
     step = jax.jit(

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxbert import train
+from flaxbert import pretrain_step
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
 from flaxbert.model import BertConfig
@@ -25,7 +25,7 @@ def test_mlm_loss_ignores_slots_of_weight_zero():
             intermediate_size=64, max_position_embeddings=SEQ,
         )
     )  # fmt: skip
-    params = train.init_params(model, jax.random.key(0), SEQ, PRED)
+    params = pretrain_step.init_params(model, jax.random.key(0), SEQ, PRED)
     inst = InstanceConfig(max_seq_length=SEQ, max_predictions_per_seq=PRED, vocab_size=VOCAB_SIZE)
     batch = PretrainingBatches(SyntheticCorpus(30, seed=2), inst, 8, seed=0).batch(0)
     weights = batch["masked_lm_weights"].copy()
@@ -34,10 +34,10 @@ def test_mlm_loss_ignores_slots_of_weight_zero():
     # Padding slots hold arbitrary labels: other labels there must not move anything.
     other = {**batch, "masked_lm_ids": batch["masked_lm_ids"].copy()}
     other["masked_lm_ids"][:, -2:] = (other["masked_lm_ids"][:, -2:] + 7) % VOCAB_SIZE
-    sums = jax.jit(lambda b: train.pretraining_sums(model, params, b, True))
+    sums = jax.jit(lambda b: pretrain_step.pretraining_sums(model, params, b, True))
 
     s, t = sums(batch), sums(other)
-    out = train.apply_model(model, params, batch, True)
+    out = pretrain_step.apply_model(model, params, batch, True)
     nll = optax.softmax_cross_entropy_with_integer_labels(
         out.mlm_logits_BPV.astype(jnp.float32), batch["masked_lm_ids"]
     )

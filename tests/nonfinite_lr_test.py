@@ -19,11 +19,12 @@ import numpy as np
 import pytest
 from tiny import tiny_overrides
 
-from flaxbert import finetune_tasks, train
+from flaxbert import finetune_tasks, optim, train
 from flaxbert.config import load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
-from flaxbert.finetune import _optimizer_config, make_finetune_step
+from flaxbert.finetune_step import make_finetune_step
+from flaxbert.finetune_step import optimizer_config as _optimizer_config
 from flaxbert.model import BertConfig
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -57,7 +58,7 @@ def _check_steps(step_fn, state, batches):
     seen = []
     for i, batch in enumerate(batches):
         new, metrics = step_fn(state, batch, jax.random.key(1))
-        skipped = int(metrics["skipped_updates"]) > int(train.skipped_updates(state.opt_state))
+        skipped = int(metrics["skipped_updates"]) > int(optim.skipped_updates(state.opt_state))
         assert skipped == (i == BAD), i
         seen.append(
             None
@@ -108,7 +109,7 @@ def test_pretraining_logs_the_applied_learning_rate(repo_root, accum):
     seen, state = _check_steps(jax.jit(setup.train_step_fn), state, _pretraining_batches())
     _assert_logged_is_applied(seen)
     # The schedule's count is the applied updates: 4 of 5 steps.
-    assert int(train.applied_updates(state.opt_state)) == STEPS - 1 and int(state.step) == STEPS
+    assert int(optim.applied_updates(state.opt_state)) == STEPS - 1 and int(state.step) == STEPS
 
 
 @pytest.mark.parametrize("accum", [1, 2])
@@ -128,10 +129,10 @@ def test_finetuning_logs_the_applied_learning_rate(repo_root, accum):
     )
     kind = finetune_tasks.make_kind("regression", [], "pearson_spearman")
     model = kind.model(model_config)
-    schedule, tx = train.make_optimizer(_optimizer_config(config.train, STEPS))
+    schedule, tx = optim.make_optimizer(_optimizer_config(config.train, STEPS))
     ids = jnp.zeros((1, SEQ), jnp.int32)
     params = nn.unbox(model.init(jax.random.key(0), ids, jnp.ones_like(ids), ids)["params"])
-    state = train.TrainState(
+    state = optim.TrainState(
         step=jnp.asarray(0, jnp.int32), params=params, opt_state=tx.init(params)
     )
     rng = np.random.default_rng(0)
@@ -150,7 +151,7 @@ def test_finetuning_logs_the_applied_learning_rate(repo_root, accum):
     step_fn = jax.jit(make_finetune_step(model, kind, tx, schedule, grad_accum_steps=accum))
     seen, state = _check_steps(step_fn, state, batches)
     _assert_logged_is_applied(seen)
-    assert int(train.applied_updates(state.opt_state)) == STEPS - 1
+    assert int(optim.applied_updates(state.opt_state)) == STEPS - 1
 
 
 def test_pretrain_loop_logs_the_applied_rate_after_a_skip(repo_root, tmp_path, monkeypatch):
@@ -181,4 +182,4 @@ def test_pretrain_loop_logs_the_applied_rate_after_a_skip(repo_root, tmp_path, m
     np.testing.assert_allclose(
         [logged[s] for s in (1, 2, 4, 5)], [0.0, 0.1, 0.2, 0.3], rtol=1e-6, atol=1e-9
     )
-    assert int(train.applied_updates(result.state.opt_state)) == 4
+    assert int(optim.applied_updates(result.state.opt_state)) == 4

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny import tiny_overrides
 
-from flaxbert import cli, distributed, mesh_rules, sharding, train
+from flaxbert import cli, distributed, mesh_rules, optim, pretrain_step, sharding, train
 from flaxbert.config import ConfigError, load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
@@ -53,16 +53,16 @@ def batches():
 def _single_device_run(config, batches):
     """One device, no mesh: plain `jax.jit` of the pure step, as before sharding existed."""
     model = BertForPreTraining(BertConfig.from_dict(config.model))
-    schedule, tx = train.make_optimizer(config.train)
-    state = jax.jit(train.create_train_state, static_argnums=(0, 1, 3, 4))(
+    schedule, tx = optim.make_optimizer(config.train)
+    state = jax.jit(pretrain_step.create_train_state, static_argnums=(0, 1, 3, 4))(
         model, tx, jax.random.key(0), SEQ, PRED
     )
-    step = jax.jit(train.make_train_step(model, tx, schedule))
+    step = jax.jit(pretrain_step.make_train_step(model, tx, schedule))
     losses = []
     for batch in batches:
         state, metrics = step(state, jax.tree.map(jnp.asarray, batch), jax.random.key(1))
         losses.append(float(metrics["loss"]))
-    eval_sums = jax.jit(train.make_eval_step(model))(
+    eval_sums = jax.jit(pretrain_step.make_eval_step(model))(
         state.params, jax.tree.map(jnp.asarray, batches[0])
     )
     return losses, jax.device_get(state.params), jax.device_get(eval_sums)

@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 from tiny import tiny_overrides
 
-from flaxbert import sharding, train
+from flaxbert import pretrain_step, sharding, train
 from flaxbert.config import load_config
-from flaxbert.data.pretraining import (
+from flaxbert.data.instances import InstanceConfig
+from flaxbert.data.packing import (
     MIN_PACKED_PAIR,
-    InstanceConfig,
     PackedRows,
-    PretrainingBatches,
     fill_packed,
     packed_predictions,
     plan_packing,
 )
+from flaxbert.data.pretraining import PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
 from flaxbert.finetune_tasks import PackedEpochs, SequenceKind
 from flaxbert.model import BertConfig, stack_layers, unstack_layers
@@ -55,8 +55,8 @@ def _short_batch(rows=16, seed=0):
 
 def _loss_and_grads(model, params, batch, deterministic=True, rng=None):
     def loss(p, batch, rng):
-        sums = train.pretraining_sums(model, p, batch, deterministic, rng)
-        return train.summarise(sums)["loss"], sums
+        sums = pretrain_step.pretraining_sums(model, p, batch, deterministic, rng)
+        return pretrain_step.summarise(sums)["loss"], sums
 
     (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, batch, rng)
     return value, sums, grads
@@ -68,7 +68,7 @@ def _loss_and_grads(model, params, batch, deterministic=True, rng=None):
 @pytest.fixture(scope="module")
 def plain():
     model = BertForPreTraining(MODEL)
-    params = train.init_params(model, jax.random.key(0), SEQ, PRED)
+    params = pretrain_step.init_params(model, jax.random.key(0), SEQ, PRED)
     _, batch = _short_batch()
     return model, params, {k: jnp.asarray(v) for k, v in batch.items()}
 
@@ -99,7 +99,7 @@ def test_scanned_layers_give_the_same_loss_and_gradients(plain, plain_grads, rem
     loss0, g0 = plain_grads[True]
     scanned = BertForPreTraining(dataclasses.replace(MODEL, scan_layers=True, remat=remat))
     # The scanned model's own parameter tree is the stacked layout of the plain one's.
-    own = train.init_params(scanned, jax.random.key(0), SEQ, PRED)
+    own = pretrain_step.init_params(scanned, jax.random.key(0), SEQ, PRED)
     stacked = {**params, "bert": stack_layers(params["bert"], MODEL.num_layers)}
     assert jax.tree.structure(own) == jax.tree.structure(stacked)
     assert own["bert"]["layers"]["layer"]["attention"]["query"]["kernel"].shape[0] == 3
@@ -123,7 +123,7 @@ def _tiny_setup(repo_root, overrides, devices):
     model_config = train.validate_pretrain_config(config)
     parallel = sharding.make_parallel(
         config.parallel,
-        train.logical_dims(model_config),
+        pretrain_step.logical_dims(model_config),
         config.train.batch_size,
         config.eval.batch_size,
         devices=devices,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tiny import tiny_overrides
 
-from flaxbert import train
+from flaxbert import optim, pretrain_step, train
 from flaxbert.config import load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.pretraining_model import BertForPreTraining
@@ -50,10 +50,12 @@ def test_torch_reference_matches_flaxbert_losses():
     )
     model_config = train.validate_pretrain_config(config)
     model = BertForPreTraining(model_config)
-    schedule, tx = train.make_optimizer(config.train)
-    init = functools.partial(train.create_train_state, model, tx, seq_len=SEQ, num_predictions=PRED)
+    schedule, tx = optim.make_optimizer(config.train)
+    init = functools.partial(
+        pretrain_step.create_train_state, model, tx, seq_len=SEQ, num_predictions=PRED
+    )
     state = jax.jit(init)(jax.random.key(0))  # one compile, not one per initialiser op
-    step = jax.jit(train.make_train_step(model, tx, schedule))
+    step = jax.jit(pretrain_step.make_train_step(model, tx, schedule))
 
     rng = np.random.default_rng(0)  # ids below VOCAB; the loader pads and masks them
     documents = [

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from flaxbert import train
+from flaxbert import loop, optim, pretrain_step
 from flaxbert.config import load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
@@ -37,8 +37,8 @@ def _setup(repo_root, optimizer="adamw", dropout=0.0, **train_overrides):
         attention_dropout_rate=dropout,
     )
     model = BertForPreTraining(model_cfg)
-    schedule, tx = train.make_optimizer(config.train)
-    state = train.create_train_state(model, tx, jax.random.key(0), SEQ, PRED)
+    schedule, tx = optim.make_optimizer(config.train)
+    state = pretrain_step.create_train_state(model, tx, jax.random.key(0), SEQ, PRED)
     return config, model, schedule, tx, state
 
 
@@ -55,8 +55,8 @@ def _batch(batch_size=8, step=0):
 def test_grad_accumulation_matches_one_large_batch(repo_root, optimizer):
     _, model, schedule, tx, state = _setup(repo_root, optimizer)
     batch = _batch(8)
-    one = jax.jit(train.make_train_step(model, tx, schedule, 1))
-    four = jax.jit(train.make_train_step(model, tx, schedule, 4))
+    one = jax.jit(pretrain_step.make_train_step(model, tx, schedule, 1))
+    four = jax.jit(pretrain_step.make_train_step(model, tx, schedule, 4))
     s1, m1 = one(state, batch, jax.random.key(1))
     s4, m4 = four(state, batch, jax.random.key(1))
     # Micro-batches hold different numbers of predictions: a mean of micro-batch means would
@@ -72,7 +72,7 @@ def test_grad_accumulation_matches_one_large_batch(repo_root, optimizer):
 
 def test_train_step_learns_and_reports_all_metrics(repo_root):
     config, model, schedule, tx, state = _setup(repo_root, dropout=0.1, lr_decay="constant")
-    step = jax.jit(train.make_train_step(model, tx, schedule), donate_argnums=(0,))
+    step = jax.jit(pretrain_step.make_train_step(model, tx, schedule), donate_argnums=(0,))
     batch = _batch(8)
     losses = []
     for _ in range(20):
@@ -80,7 +80,7 @@ def test_train_step_learns_and_reports_all_metrics(repo_root):
         losses.append(float(metrics["loss"]))
     assert (
         set(metrics)
-        >= set(train.STEP_METRICS)
+        >= set(pretrain_step.STEP_METRICS)
         >= {
             "loss",
             "mlm_loss",
@@ -100,7 +100,7 @@ def test_train_step_learns_and_reports_all_metrics(repo_root):
 
 def test_weight_decay_skips_layer_norm_and_biases(repo_root):
     _, model, schedule, tx, state = _setup(repo_root, max_grad_norm=0.0, weight_decay=0.5)
-    mask = train.decay_mask(state.params)
+    mask = optim.decay_mask(state.params)
     assert not mask["bert"]["layer_0"]["attention_layer_norm"]["scale"]
     assert not mask["bert"]["layer_0"]["attention"]["query"]["bias"]
     assert not mask["mlm_output_bias"]
@@ -129,13 +129,13 @@ def test_schedule_warms_up_then_decays(repo_root):
             "--config.train.num_steps=110",
         ],
     )
-    s = train.make_schedule(config.train)
+    s = optim.make_schedule(config.train)
     np.testing.assert_allclose(
         [s(0), s(5), s(10), s(60), s(110)], [0.0, 5e-4, 1e-3, 5e-4, 0.0], atol=1e-9
     )
     config.train.lr_decay = "polynomial"
     config.train.lr_decay_power = 2.0
-    np.testing.assert_allclose(train.make_schedule(config.train)(60), 1e-3 * 0.25, rtol=1e-6)
+    np.testing.assert_allclose(optim.make_schedule(config.train)(60), 1e-3 * 0.25, rtol=1e-6)
 
 
 @pytest.mark.parametrize("max_norm", [0.0, 1.0])
@@ -155,13 +155,13 @@ def test_gradients_are_clipped_by_global_norm(repo_root, max_norm):
 
 
 def test_nonfinite_message_names_the_step_and_quantity():
-    assert train._nonfinite_message(7, {"loss": float("nan"), "grad_norm": 1.0}) == (
+    assert loop._nonfinite_message(7, {"loss": float("nan"), "grad_norm": 1.0}) == (
         "non-finite loss at step 7"
     )
-    assert "loss and grad_norm" in train._nonfinite_message(
+    assert "loss and grad_norm" in loop._nonfinite_message(
         3, {"loss": float("inf"), "grad_norm": float("nan")}
     )
-    assert train._nonfinite_message(2, {"loss": 1.0, "grad_norm": 1.0}) is None
+    assert loop._nonfinite_message(2, {"loss": 1.0, "grad_norm": 1.0}) is None
 
 
 def test_train_step_compiles_once(repo_root):
@@ -169,7 +169,8 @@ def test_train_step_compiles_once(repo_root):
 
     _, model, schedule, tx, state = _setup(repo_root)
     step = jax.jit(
-        chex.assert_max_traces(train.make_train_step(model, tx, schedule), n=1), donate_argnums=(0,)
+        chex.assert_max_traces(pretrain_step.make_train_step(model, tx, schedule), n=1),
+        donate_argnums=(0,),
     )
     for i in range(3):
         state, _ = step(state, _batch(8, step=i), jax.random.key(0))
@@ -187,7 +188,7 @@ def test_nsp_weight_scales_the_nsp_term_of_the_objective(repo_root):
     bias = lambda s: np.asarray(s.params["nsp"]["bias"])  # noqa: E731
     moved = {}
     for w in (0.0, 1.0, 2.0):
-        step = jax.jit(train.make_train_step(model, tx, schedule, nsp_weight=w))
+        step = jax.jit(pretrain_step.make_train_step(model, tx, schedule, nsp_weight=w))
         new, metrics = step(state, batch, jax.random.key(1))
         moved[w] = bias(new) - bias(state)
         # The logged loss is the unweighted sum whatever the weight.
@@ -207,24 +208,24 @@ def test_prediction_diversity_tells_the_unigram_plateau_from_reading_the_context
     plateau[3] = 50  # predicts the most frequent piece every time
     reading = targets.copy()
     reading[[4, 11]] = [3, 2]  # 9 distinct predictions, the most frequent 10 of 50
-    assert train.prediction_diversity(plateau, targets) == {
+    assert pretrain_step.prediction_diversity(plateau, targets) == {
         "mlm_distinct_predictions": 1 / 8,
         "mlm_top_prediction_share": 1.0,
     }
-    got = train.prediction_diversity(reading, targets)
+    got = pretrain_step.prediction_diversity(reading, targets)
     assert got["mlm_distinct_predictions"] == 9 / 8
     assert got["mlm_top_prediction_share"] == 10 / 50
 
 
 def test_evaluate_reports_the_diversity_of_masked_predictions(repo_root):
     _, model, _, _, state = _setup(repo_root)
-    eval_step = jax.jit(train.make_eval_step(model))
+    eval_step = jax.jit(pretrain_step.make_eval_step(model))
     batches = [_batch(8, step=s) for s in range(2)]
-    metrics = train.evaluate(eval_step, state.params, batches)
+    metrics = pretrain_step.evaluate(eval_step, state.params, batches)
     predicted = []
     targets = []
     for b in batches:
-        logits = train.apply_model(model, state.params, b, True).mlm_logits_BPV
+        logits = pretrain_step.apply_model(model, state.params, b, True).mlm_logits_BPV
         keep = np.asarray(b["masked_lm_weights"]) > 0
         predicted += list(np.asarray(jnp.argmax(logits, -1))[keep])
         targets += list(np.asarray(b["masked_lm_ids"])[keep])

@@ -25,8 +25,6 @@ from flaxbert.data.masking import choose_positions, mask_tokens
 from flaxbert.data.packing import MIN_PACKED_PAIR, PackedRows, packed_predictions
 
 # flaxbert.finetune_tasks imports these from here, as it always did.
-from flaxbert.data.packing import fill_packed as fill_packed
-from flaxbert.data.packing import plan_packing as plan_packing
 from flaxbert.data.text_io import CorpusError
 from flaxbert.tokenizer import NUM_SPECIAL
 

@@ -5,17 +5,12 @@ korsts, kornli, klue_ner, sst2, cola, mrpc, rte, stsb, wikiann_en, wnut17, squad
 reader keys its format reads (see `flaxbert.data.task_files`), with the task keys `kind`,
 `metrics`, `main_metric` and the train/eval file names. `ReaderSpec.from_config` takes a
 preset as it is; a config for a new task is a dict like these. The readers themselves live
-in `flaxbert.data.task_spec`, `task_rows`, `task_files` and `task_tfds`; `ReaderSpec`,
-`read_examples` and `read_tfds` are importable from here too, as they always were.
+in `flaxbert.data.task_spec`, `task_rows`, `task_files` and `task_tfds`.
 """
 
 from __future__ import annotations
 
-from flaxbert.data.task_files import read_examples
-from flaxbert.data.task_spec import DEFAULT_ENCODING, ReaderSpec
-from flaxbert.data.task_tfds import read_tfds
-
-__all__ = ["KINDS", "METRIC_SETS", "TASK_PRESETS", "ReaderSpec", "read_examples", "read_tfds"]
+from flaxbert.data.task_spec import DEFAULT_ENCODING
 
 KINDS = ("classification", "regression", "token_classification", "qa")
 # The metric names each metric set reports; a preset's `main_metric` is one of these.

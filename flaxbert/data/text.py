@@ -36,9 +36,6 @@ from flaxbert.data.text_io import (
     read_lines,
 )
 
-# flaxbert.cli sets the spelling of corpus errors through this module: `text.default_spelling`.
-from flaxbert.data.text_io import default_spelling as default_spelling
-
 
 def read_text_documents(
     path: str | os.PathLike,
