@@ -40,15 +40,12 @@ from flaxbert.finetune_tasks import Features, padded
 from flaxbert.loop import (
     Cadence,
     LoopResult,
-    finished_checkpoint,
     initial_state,
-    log_already_finished,
-    read_final_metrics,
     train_loop,
-    write_run_config,
 )
 from flaxbert.optim import TrainState, make_optimizer
 from flaxbert.pretrain_step import logical_dims
+from flaxbert.run_files import write_run_config
 from flaxbert.sharding import Parallel, make_parallel
 
 log = logging.getLogger("flaxbert")
@@ -64,7 +61,7 @@ class FinetuneResult:
     wall_time: float
     train_examples_per_sec: float
     restored_groups: list[str]
-    state: TrainState | None = None  # None for a re-run of a finished run
+    state: TrainState | None = None  # a finished run re-run: the checkpoint's, untrained
     start_step: int = 0  # the checkpoint step it resumed from (0: a fresh start)
 
 
@@ -224,9 +221,6 @@ def finetune(
     jax.config.update("jax_threefry_partitionable", True)
     t = config.train
     data = task_data(config)
-    done = finished_checkpoint(workdir, config.checkpoint, data.num_steps)
-    if done is not None:
-        return _already_finished(workdir, done, data.num_steps)
     run_config = write_run_config(config, workdir)
     tokenizer_ref = ckpt.keep_tokenizer(workdir, data.tokenizer_path)
     dims = {**logical_dims(data.model_config), "classes": max(data.kind.num_labels, 2)}
@@ -325,6 +319,7 @@ def _cadence(config, data: TaskData) -> Cadence:
         save_every=data.eval_every,  # at every evaluation: each checkpoint has a score
         nonfinite=t.nonfinite,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+        steps_key="train.num_epochs (or train.num_steps)",
     )
 
 
@@ -398,24 +393,6 @@ def _initial_state(checkpoints, parallel, abstract, config, fresh, run_config, n
             best.get("step", "-"),
         )
     return start
-
-
-def _already_finished(workdir: str, step_dir: str, num_steps: int) -> FinetuneResult:
-    """A re-run of a finished fine-tuning: nothing is trained, evaluated or written."""
-    step = log_already_finished(step_dir, num_steps, "the run's steps")
-    final = read_final_metrics(workdir)
-    best = dict(final.get("best") or {})
-    return FinetuneResult(
-        eval_metrics={k: v for k, v in final.items() if k.startswith("eval/")},
-        best_metrics=best,
-        best_step=best.get("step", step),
-        test_metrics={},
-        final_step=step,
-        wall_time=0.0,
-        train_examples_per_sec=float(final.get("train_examples_per_sec", 0.0)),
-        restored_groups=[],
-        start_step=step,
-    )
 
 
 def _better(value: float, best: float, mode: str) -> bool:

@@ -35,6 +35,7 @@ from flaxbert.config import require
 from flaxbert.data.pretraining import prefetch
 from flaxbert.monitor import MetricWriter, Progress
 from flaxbert.optim import TrainState, nonfinite_in_a_row, skipped_updates
+from flaxbert.run_files import log_already_finished, read_final_metrics
 
 log = logging.getLogger("flaxbert")
 
@@ -79,6 +80,7 @@ class Cadence:
     nonfinite: str  # stop | skip
     max_consecutive_nonfinite: int
     prefetch: int = 4  # batches built ahead
+    steps_key: str = "train.num_steps"  # the config key(s) that set num_steps, for messages
 
     def eval_at(self, step: int) -> bool:
         return step == self.num_steps or bool(self.eval_every and step % self.eval_every == 0)
@@ -113,6 +115,7 @@ class LoopResult:
     eval_metrics: dict[str, float]  # the last evaluation, keys eval/<name>
     wall_time: float  # seconds, evaluation included
     count_per_sec: float  # the task's count (tokens, examples) per training second after step 1
+    already_finished: bool = False  # a re-run of a finished run: nothing trained or written
 
 
 def train_loop(
@@ -121,6 +124,9 @@ def train_loop(
     """Runs steps `start.step + 1 .. cadence.num_steps` of `step_fn(state, batch, rng)`; see
     the module doc. Raises FloatingPointError by the non-finite policy; closes `checkpoints`
     (waiting for the saves being written) however it ends."""
+    finished = _already_finished(start, cadence, checkpoints, workdir)
+    if finished is not None:
+        return finished
     is_chief = jax.process_index() == 0
     wall_start = time.perf_counter()
     writer = MetricWriter(workdir, enabled=is_chief, resume_step=start.step)
@@ -193,6 +199,28 @@ def train_loop(
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump({"step": step, **record, "wall_time_s": result.wall_time}, f, indent=2)
     return result
+
+
+def _already_finished(start: Start, cadence: Cadence, checkpoints, workdir: str):
+    """A re-run of a run that finished (its checkpoint at the last step, final_metrics.json
+    written): the result, with nothing trained, evaluated or written; else None."""
+    final = read_final_metrics(workdir) if start.step >= cadence.num_steps else {}
+    if not final:
+        return None
+    log_already_finished(checkpoints.step_dir(start.step), cadence.num_steps, cadence.steps_key)
+    checkpoints.close()
+    return LoopResult(
+        state=start.state,
+        start_step=start.step,
+        final_step=start.step,
+        preempted=False,
+        skipped_updates=start.skipped,
+        train_metrics={},
+        eval_metrics={k: v for k, v in final.items() if k.startswith("eval/")},
+        wall_time=0.0,
+        count_per_sec=0.0,
+        already_finished=True,
+    )
 
 
 def _save(checkpoints, parallel, state, step: int, meta: dict, eval_metrics) -> None:
@@ -364,7 +392,7 @@ def _log_config_changes(saved: dict, current: dict, step: int) -> None:
         )
 
 
-# ------------------------------------------------------------------------- run files
+# ------------------------------------------------------------------------- config
 
 
 def validate_loop_config(t: ml_collections.ConfigDict) -> None:
@@ -390,54 +418,6 @@ def validate_loop_config(t: ml_collections.ConfigDict) -> None:
         t.max_consecutive_nonfinite,
         "must be >= 1",
     )
-
-
-def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Creates the workdir, writes config.json (process 0) and returns the config as a dict."""
-    os.makedirs(workdir, exist_ok=True)
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
-    return json.loads(config.to_json_best_effort())
-
-
-def read_final_metrics(workdir: str) -> dict:
-    """WORKDIR/final_metrics.json, or {} when it is absent or unreadable."""
-    try:
-        with open(os.path.join(workdir, "final_metrics.json"), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def finished_checkpoint(workdir: str, checkpoint_config, num_steps: int) -> str | None:
-    """The step directory of a run that has already finished: its latest checkpoint is at
-    `num_steps` or later and it wrote final_metrics.json (a run preempted at its last step
-    has not, and goes through the loop once more to write it). None otherwise."""
-    final = read_final_metrics(workdir)
-    directory = ckpt.checkpoint_directory(workdir, checkpoint_config)
-    if not final or not os.path.isdir(directory):
-        return None
-    try:
-        step_dir, meta = ckpt.read_meta(directory)
-    except ckpt.CheckpointNotFoundError:
-        return None
-    return step_dir if int(meta.get("step", -1)) >= num_steps else None
-
-
-def log_already_finished(step_dir: str, num_steps: int, key: str) -> int:
-    """Says that a re-run of a finished run does nothing; returns the checkpoint's step."""
-    step = int(os.path.basename(step_dir))
-    log.info(
-        "the run is already finished: checkpoint %s is at step %d, %s=%d; nothing to do "
-        "(final_metrics.json is left as it is; raise %s to train on)",
-        step_dir,
-        step,
-        key,
-        num_steps,
-        key,
-    )
-    return step
 
 
 # ------------------------------------------------------------------------- non-finite

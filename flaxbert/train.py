@@ -30,14 +30,10 @@ from flaxbert.data.sources import load_corpus
 from flaxbert.loop import (
     Cadence,
     LoopResult,
-    finished_checkpoint,
     initial_state,
-    log_already_finished,
     placed_state,
-    read_final_metrics,
     train_loop,
     validate_loop_config,
-    write_run_config,
 )
 from flaxbert.model import BertConfig
 from flaxbert.optim import TrainState, make_optimizer
@@ -51,6 +47,12 @@ from flaxbert.pretrain_step import (
     make_train_step,
 )
 from flaxbert.pretraining_model import BertForPreTraining
+from flaxbert.run_files import (
+    finished_checkpoint,
+    log_already_finished,
+    read_final_metrics,
+    write_run_config,
+)
 from flaxbert.sharding import Parallel, make_parallel
 
 log = logging.getLogger("flaxbert")
