@@ -41,7 +41,7 @@ import contextlib
 import numpy as np
 
 from flaxbert.config import require
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 
 INSTALL_ADVICE = (
     "the PyTorch reference needs torch and transformers: pip install 'flaxbert[bench]' "

@@ -349,7 +349,7 @@ def model_config_of(meta: dict, dropout: bool = True):
     `config.model`); with `dropout=False` both dropout rates are 0, the model as inference
     (feature extraction, fill-mask) runs it. Raises what `BertConfig.from_dict` raises, or
     KeyError / TypeError for a meta without a model config."""
-    from flaxbert.model import BertConfig
+    from flaxbert.model_config import BertConfig
 
     values = meta.get("model") or meta["config"]["model"]
     if not dropout:

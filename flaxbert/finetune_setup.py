@@ -22,7 +22,7 @@ from flaxbert.data.task_spec import ReaderSpec
 from flaxbert.data.task_tfds import read_tfds
 from flaxbert.finetune_tasks import Features, PackedEpochs, make_kind
 from flaxbert.loop import validate_loop_config
-from flaxbert.model import STRUCTURAL_KEYS, BertConfig
+from flaxbert.model_config import STRUCTURAL_KEYS, BertConfig
 from flaxbert.tokenizer import load_tokenizer
 
 log = logging.getLogger("flaxbert")

@@ -19,7 +19,7 @@ import optax
 from flaxbert import metrics as metrics_lib
 from flaxbert.data.packing import PackedRows, fill_packed, plan_packing
 from flaxbert.data.token_labels import IGNORE_INDEX as IGNORE
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.task_heads import (
     BertForQuestionAnswering,
     BertForSequenceClassification,

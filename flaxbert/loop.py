@@ -154,13 +154,8 @@ def train_loop(
                     last_eval = task.evaluate(state, step)
                 writer.write(step, last_eval)
             if at_save or preempted:
-                meta = {
-                    "format": ckpt.FORMAT_VERSION,
-                    "step": step,
-                    "rng": ckpt.rng_to_json(start.rng),
-                    "skipped_updates": metrics.skipped,
-                    **task.checkpoint_meta(step),
-                }
+                meta = {"rng": ckpt.rng_to_json(start.rng), "skipped_updates": metrics.skipped}
+                meta.update(task.checkpoint_meta(step))
                 _save(checkpoints, parallel, state, step, meta, last_eval if at_eval else None)
             if preempted:
                 log.warning(
@@ -224,6 +219,8 @@ def _already_finished(start: Start, cadence: Cadence, checkpoints, workdir: str)
 
 
 def _save(checkpoints, parallel, state, step: int, meta: dict, eval_metrics) -> None:
+    """Saves `state` at `step` with `meta` (plus the format and step) and its score."""
+    meta = {"format": ckpt.FORMAT_VERSION, "step": step, **meta}
     view = parallel.to_checkpoint(state)
     blocking = checkpoints.save(step, view.params, view.opt_state, meta, eval_metrics)
     if jax.process_index() == 0:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.optim import TrainState, accumulated_gradients, applied_learning_rate, skipped_updates
 from flaxbert.pretraining_model import BertForPreTraining
 

@@ -19,7 +19,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from flaxbert.model import BertConfig, BertModel, _dense, _layer_norm, _zeros
+from flaxbert.model import BertModel, _dense, _layer_norm, _zeros
+from flaxbert.model_config import BertConfig
 
 
 @flax.struct.dataclass

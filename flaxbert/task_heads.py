@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from flaxbert.dropout import Dropout
-from flaxbert.model import BertConfig, BertModel, _dense
+from flaxbert.model import BertModel, _dense
+from flaxbert.model_config import BertConfig
 
 
 class BertForSequenceClassification(nn.Module):

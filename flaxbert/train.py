@@ -35,7 +35,7 @@ from flaxbert.loop import (
     train_loop,
     validate_loop_config,
 )
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.optim import TrainState, make_optimizer
 from flaxbert.pretrain_step import (
     batch_shapes,

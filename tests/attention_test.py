@@ -160,7 +160,8 @@ def test_the_model_asks_for_cudnn_on_an_nvidia_gpu_and_says_why_not_otherwise(
 ):
     """`SelfAttention`'s wiring: the platform, dtype, packing and dropout it passes. The
     platform is faked as an NVIDIA GPU; what runs is XLA (no cuDNN here), the choice recorded."""
-    from flaxbert.model import BertConfig, BertModel
+    from flaxbert.model import BertModel
+    from flaxbert.model_config import BertConfig
 
     seen = []
 

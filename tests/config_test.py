@@ -1,7 +1,7 @@
 import pytest
 
 from flaxbert.config import ConfigError, load_config
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.train import validate_pretrain_config
 
 

@@ -27,7 +27,8 @@ from flaxbert.convert import (  # noqa: E402
     read_params,
     vocabulary_order,
 )
-from flaxbert.model import BertConfig, stack_layers  # noqa: E402
+from flaxbert.model import stack_layers  # noqa: E402
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining  # noqa: E402
 from flaxbert.tokenizer import (  # noqa: E402
     SPECIAL_TOKENS,

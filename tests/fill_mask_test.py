@@ -14,7 +14,7 @@ import pytest
 
 from flaxbert.cli import main
 from flaxbert.convert import hf_config_from_bert, import_hf, params_to_hf
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining
 from flaxbert.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 

@@ -183,7 +183,8 @@ def test_extract_features_per_token_and_pooled(tmp_path, pretrained):
     assert index[1]["rows"][0] == index[0]["rows"][1] == len(index[0]["token_ids"])
     assert index[1]["token_ids"].count(3) == 2  # a pair: [SEP] after each segment
     # The last layer's vectors equal the encoder's own output.
-    from flaxbert.model import BertConfig, BertModel
+    from flaxbert.model import BertModel
+    from flaxbert.model_config import BertConfig
 
     meta = ckpt.read_meta(str(workdir))[1]
     model = BertModel(BertConfig.from_dict(meta["model"]), add_pooler=False)
@@ -260,7 +261,7 @@ def test_finetune_step_fits_a_small_batch(repo_root):
     from flaxbert.data.synthetic import VOCAB_SIZE
     from flaxbert.finetune_step import make_finetune_step
     from flaxbert.finetune_step import optimizer_config as _optimizer_config
-    from flaxbert.model import BertConfig
+    from flaxbert.model_config import BertConfig
     from flaxbert.task_heads import BertForSequenceClassification
 
     config = load_config(str(repo_root / "configs/finetune.py") + ":sst2,tiny", [])

@@ -28,7 +28,7 @@ from flaxbert.finetune_step import (
     trainable_params,
 )
 from flaxbert.finetune_step import optimizer_config as _optimizer_config
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

@@ -10,7 +10,7 @@ import pytest
 from flaxbert import pretrain_step
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")

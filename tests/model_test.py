@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxbert.model import BertConfig, BertModel
+from flaxbert.model import BertModel
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining
 
 CFG = BertConfig(

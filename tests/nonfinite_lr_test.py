@@ -25,7 +25,7 @@ from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
 from flaxbert.finetune_step import make_finetune_step
 from flaxbert.finetune_step import optimizer_config as _optimizer_config
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
 

@@ -18,7 +18,7 @@ from flaxbert import cli, distributed, mesh_rules, optim, pretrain_step, shardin
 from flaxbert.config import ConfigError, load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining
 
 SEQ, PRED, BATCH, STEPS = 32, 5, 16, 3

@@ -22,7 +22,8 @@ from flaxbert.data.packing import (
 from flaxbert.data.pretraining import PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
 from flaxbert.finetune_tasks import PackedEpochs, SequenceKind
-from flaxbert.model import BertConfig, stack_layers, unstack_layers
+from flaxbert.model import stack_layers, unstack_layers
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining
 from flaxbert.task_heads import BertForSequenceClassification
 from flaxbert.tokenizer import CLS_ID, SEP_ID

@@ -8,7 +8,7 @@ from flaxbert import loop, optim, pretrain_step
 from flaxbert.config import load_config
 from flaxbert.data.pretraining import InstanceConfig, PretrainingBatches
 from flaxbert.data.synthetic import VOCAB_SIZE, SyntheticCorpus
-from flaxbert.model import BertConfig
+from flaxbert.model_config import BertConfig
 from flaxbert.pretraining_model import BertForPreTraining
 
 SEQ, PRED = 32, 5

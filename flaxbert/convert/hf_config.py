@@ -36,7 +36,7 @@ _FIELDS = {  # BertConfig field: HuggingFace key
 def bert_config_from_hf(hf: Mapping, where: str = HF_CONFIG):
     """The flaxbert `BertConfig` of a HuggingFace BERT config; what flaxbert does not model
     (another activation, relative positions, a decoder) is refused, naming the key."""
-    from flaxbert.model import BertConfig
+    from flaxbert.model_config import BertConfig
 
     problems = []
     if hf.get("model_type", "bert") != "bert":

@@ -24,7 +24,7 @@ from flaxbert.convert.hf_io import (
     user_path,
 )
 from flaxbert.convert.params import hf_to_params, vocabulary_order
-from flaxbert.model import STRUCTURAL_KEYS
+from flaxbert.model_config import STRUCTURAL_KEYS
 from flaxbert.tokenizer.special import SPECIAL_TOKENS
 from flaxbert.tokenizer.wordpiece import (
     WORDPIECE_CONFIG,
