@@ -33,6 +33,9 @@ OVERRIDES = [
     "--config.parallel.data=2",
     "--config.parallel.fsdp=2",
     "--config.parallel.tensor=2",
+    # Dropout on: its masks must agree between one process and two.
+    "--config.model.hidden_dropout_rate=0.1",
+    "--config.model.attention_dropout_rate=0.1",
 ]
 
 

@@ -34,8 +34,10 @@ ARGS = [
     "--config.eval.num_batches=1",
     f"--config.eval.every_steps={N}",
     f"--config.checkpoint.every_steps={N}",
-    # Dropout on: its masks must come back with the RNG state.
+    # Dropout on (tiny has none on the embedded corpus): its masks must come back with the
+    # RNG state.
     "--config.model.hidden_dropout_rate=0.1",
+    "--config.model.attention_dropout_rate=0.1",
 ]
 
 

@@ -16,6 +16,9 @@ def tiny_overrides(seq: int = 32, predictions: int = 5, batch: int = 16) -> list
         f"--config.train.batch_size={batch}",
         "--config.train.warmup_steps=1",
         "--config.eval.batch_size=16",
+        # Dropout on, as the training path runs it (`tiny` has none on the embedded corpus).
+        "--config.model.hidden_dropout_rate=0.1",
+        "--config.model.attention_dropout_rate=0.1",
     ]
 
 
