@@ -1,4 +1,6 @@
-"""BERT in Flax linen: the model config, embeddings, post-LayerNorm encoder and pooler.
+"""BERT in Flax linen: embeddings, the post-LayerNorm encoder and the pooler.
+
+The hyper-parameters they take are `flaxbert.model_config.BertConfig`.
 
 The heads on top live apart: the masked-LM and next-sentence heads in
 `flaxbert.pretraining_model`, the fine-tuning task heads in `flaxbert.task_heads`.
@@ -7,7 +9,7 @@ The heads on top live apart: the masked-LM and next-sentence heads in
 Normalization in the Transformer Architecture"), with one more LayerNorm after the last block.
 
 Every parameter carries logical axis names (`nn.with_logical_partitioning`) and the main
-activations carry logical constraints, so one rules table (see `flaxbert.sharding`) decides
+activations carry logical constraints, so one rules table (see `flaxbert.mesh_rules`) decides
 how the model is laid out on a device mesh. Without a mesh the names cost nothing.
 
 Shape suffixes: B batch, L sequence length, D hidden size, N heads, H head size, F the

@@ -1,7 +1,7 @@
 """BERT pre-training: the encoder with its masked-LM and next-sentence heads, and which of
 those heads a parameter tree holds.
 
-`BertForPreTraining` is the model `flaxbert train` fits and a pre-training checkpoint holds
+`BertForPreTraining` is the model `flaxbert pretrain` fits and a pre-training checkpoint holds
 (its `params` collection: `bert` the encoder of `flaxbert.model`, `mlm_*` and `nsp` the heads).
 Its heads are optional so that every layout a transformers import gives (BertForPreTraining,
 BertForMaskedLM, BertModel) runs; `heads_of` reads which a tree has. Shape suffixes as in

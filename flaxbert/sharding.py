@@ -1,8 +1,9 @@
 """The two ways to run the one train step on many devices (the mesh and the logical-axis
 rules they lay the state out by are `flaxbert.mesh_rules`).
 
-`make_parallel(config.parallel, ...)` returns a strategy object that `flaxbert.train` uses
-without knowing which one it holds:
+`make_parallel(config.parallel, ...)` returns a strategy object that the training loop
+(`flaxbert.loop`, for `flaxbert.train` and `flaxbert.finetune`) uses without knowing which
+one it holds:
 
 - `PjitParallel` (`parallel.strategy='pjit'`, the default): a `Mesh` with axes
   `data`, `fsdp`, `tensor`; parameters, optimizer state and activations are laid out by
@@ -99,7 +100,8 @@ class Step:
 
 
 class Parallel:
-    """What `flaxbert.train` needs from a strategy; see the two implementations below."""
+    """What the loop, pre-training and fine-tuning need from a strategy; see the two
+    implementations below."""
 
     name: str
     axis_name: str | None  # for the collectives inside the step (pmap only)
