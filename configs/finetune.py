@@ -4,7 +4,7 @@ Run:
     flaxbert finetune --config configs/finetune.py:nsmc,mini --workdir runs/nsmc \
         --config.init_from=runs/mini-ko
     flaxbert finetune --config configs/finetune.py:sst2,mini --workdir runs/sst2-random \
-        --config.data.tokenizer=runs/cache/en_gutenberg-3efceb-unigram8000.model
+        --config.data.tokenizer=runs/mini-en/tokenizer.model
 
 The argument is `TASK[,VARIANT]`: a task preset (nsmc, korsts, kornli, klue_ner, sst2, cola,
 mrpc, rte, stsb, wikiann_en, wnut17, squad_v1 — files in ../shared/data/tasks, see

@@ -161,7 +161,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
 
     if "corpus" in extra:
         # Real text: the tokenizer is trained and the corpus prepared on first use, cached in
-        # runs/cache so that every run on the same corpus shares them.
+        # data.cache_dir ('' = WORKDIR/data, never relative to the current directory); set
+        # --config.data.cache_dir=DIR to share them between runs on the same corpus.
         name = extra["corpus"]
         if name not in CORPORA and not os.path.exists(name) and not set("/.*:") & set(name):
             raise ValueError(
@@ -170,7 +171,6 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
                 "a .jsonl file, tfds:NAME or a prepared directory)"
             )
         c.data.corpus = CORPORA.get(name, name)
-        c.data.cache_dir = "runs/cache"
         c.model.vocab_size = c.data.vocab_size
         if extra["corpus"] == "en":  # 39 books: hold out 4 of them
             c.data.validation_fraction = 0.1
