@@ -87,7 +87,6 @@ class FineTuning:
     checkpoints: ckpt.Checkpoints
     target_params: object  # the parameters' checkpoint shapes (the best one's restore)
     best: dict  # the best evaluation so far, with its step (a resume brings it back)
-    last_eval: dict  # the last evaluation (a resume brings it back)
 
     def __post_init__(self, state):
         self.main = f"eval/{self.config.main_metric}"
@@ -154,7 +153,6 @@ class FineTuning:
             _write_jsonl(os.path.join(workdir, "eval_predictions.jsonl"), rows)
             if improved:
                 _write_jsonl(os.path.join(workdir, "best_eval_predictions.jsonl"), rows)
-        self.last_eval = metrics
         return metrics
 
     def checkpoint_meta(self, step: int) -> dict:
@@ -167,7 +165,6 @@ class FineTuning:
             "task": self.config.task,
             "labels": self.data.labels,
             "best": self.best,  # so that a resumed run still knows its best evaluation
-            "last_eval": self.last_eval,
         }
 
     def throughput(self, steps: int, seconds: float, count: int) -> dict[str, float]:
@@ -251,7 +248,7 @@ def finetune(
     start = _initial_state(
         checkpoints, parallel, abstract, config, fresh, run_config, data.num_steps
     )
-    best, last_eval = (dict(start.meta.get(k) or {}) for k in ("best", "last_eval"))
+    best = dict(start.meta.get("best") or {})
     task = FineTuning(
         config,
         data,
@@ -264,7 +261,6 @@ def finetune(
         checkpoints,
         target.params,
         best,
-        last_eval,
     )
     freeze = bool(config.freeze_encoder)
     step = make_finetune_step(

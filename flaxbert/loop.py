@@ -48,7 +48,7 @@ class Task(Protocol):
       tokens, or examples; all processes). Called on the prefetch thread.
     - `evaluate(state, step)`: held-out metrics, keys `eval/<name>`.
     - `checkpoint_meta(step)`: what this run adds to a checkpoint's metadata (the loop writes
-      format, step, rng, config, skipped_updates).
+      format, step, rng, skipped_updates and last_eval, the last evaluation).
     - `throughput(steps, seconds, count)`: the speed fields of a logged training row.
     - `final_record(result, write)`: called once when the run completes (not when
       preempted), checkpoints still open, `write(step, metrics)` adding rows to
@@ -155,7 +155,8 @@ def train_loop(
                 writer.write(step, last_eval)
             if at_save or preempted:
                 meta = {"rng": ckpt.rng_to_json(start.rng), "skipped_updates": metrics.skipped}
-                meta.update(task.checkpoint_meta(step))
+                # The last evaluation too: a run stopped at its last step reports it on resume.
+                meta.update(last_eval=last_eval, **task.checkpoint_meta(step))
                 _save(checkpoints, parallel, state, step, meta, last_eval if at_eval else None)
             if preempted:
                 log.warning(
