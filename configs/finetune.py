@@ -1,15 +1,18 @@
 """Fine-tuning on a task, from a pre-trained flaxbert encoder or from random initialisation.
 
 Run:
-    flaxbert finetune --config configs/finetune.py:nsmc,mini --workdir runs/nsmc \
+    flaxbert finetune --config configs/finetune.py:nsmc --workdir runs/nsmc \
         --config.init_from=runs/mini-ko
     flaxbert finetune --config configs/finetune.py:sst2,mini --workdir runs/sst2-random \
         --config.data.tokenizer=runs/mini-en/tokenizer.model
 
 The argument is `TASK[,VARIANT]`: a task preset (nsmc, korsts, kornli, klue_ner, sst2, cola,
 mrpc, rte, stsb, wikiann_en, wnut17, squad_v1 — files in ../shared/data/tasks, see
-flaxbert.data.tasks.TASK_PRESETS) and the model size of the checkpoint (default mini; the
-structural model keys must match the checkpoint's, or the run stops naming them).
+flaxbert.data.tasks.TASK_PRESETS) and a model size (default mini) that matters only for random
+initialisation: from a checkpoint (init_from) the model's structure (sizes, layers, heads,
+positions, layer layout, LayerNorm placement) is the checkpoint's, so `configs/finetune.py:TASK`
+works from a tiny, mini or base checkpoint alike; a structural key named on the command line
+that disagrees with the checkpoint stops the run, naming it.
 A new task needs only a config: set `kind`, `metrics`, `main_metric`, `data.reader.*`,
 `data.label_list` and the files (a path or `tfds:NAME[:SPLIT]`).
 
@@ -21,17 +24,8 @@ import os
 import ml_collections
 
 from flaxbert.data.tasks import TASK_PRESETS
+from flaxbert.model_config import variant_structure
 
-VARIANTS = {  # name: (layers, hidden, heads), as configs/pretrain.py
-    "tiny": (2, 128, 2),
-    "mini": (4, 256, 4),
-    "small": (4, 512, 8),
-    "medium": (8, 512, 8),
-    "base": (12, 768, 12),
-    "large": (24, 1024, 16),
-    "cpu30": (2, 128, 2),  # configs/pretrain.py's CPU half-hour recipe (pre-LayerNorm)
-}
-PRE_LAYER_NORM = ("cpu30",)  # variants whose blocks are pre-LayerNorm
 TASKS_DIR = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tasks"
 )
@@ -44,14 +38,19 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     variant = rest[0] if rest else "mini"
     if task not in TASK_PRESETS:
         raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_PRESETS)}")
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    try:
+        structure = variant_structure(variant)
+    except KeyError as e:
+        raise ValueError(e.args[0]) from None
     preset = dict(TASK_PRESETS[task])
-    layers, hidden, heads = VARIANTS[variant]
     qa = preset["kind"] == "qa"
 
     c = ml_collections.ConfigDict()
     c.task = task
+    # The model size for random initialisation; from a checkpoint (init_from) the structure is
+    # the checkpoint's whatever this says, and only model.* keys named on the command line (or
+    # changed from this size's) are checked against it.
+    c.variant = variant
     c.kind = preset["kind"]  # classification | regression | token_classification | qa
     c.metrics = preset["metrics"]  # a flaxbert.metrics.TASK_METRICS set, or squad
     c.main_metric = preset["main_metric"]  # picks the best checkpoint (checkpoint.best_mode)
@@ -65,12 +64,10 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.vocab_size = 0  # 0 = the tokenizer's size
-    c.model.hidden_size = hidden
-    c.model.num_layers = layers
-    c.model.num_heads = heads
-    c.model.intermediate_size = 4 * hidden
-    c.model.max_position_embeddings = 512
-    c.model.type_vocab_size = 2
+    for key in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        c.model[key] = structure[key]
+    c.model.max_position_embeddings = structure["max_position_embeddings"]
+    c.model.type_vocab_size = structure["type_vocab_size"]
     c.model.hidden_dropout_rate = 0.1
     c.model.attention_dropout_rate = 0.1
     c.model.initializer_range = 0.02
@@ -79,8 +76,8 @@ def get_config(arg: str = "nsmc") -> ml_collections.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.attention_impl = ""
     c.model.remat = ""  # '' | full | dots (activation checkpointing)
-    c.model.scan_layers = False  # must match the checkpoint's layout (see README)
-    c.model.pre_layer_norm = variant in PRE_LAYER_NORM  # must match the checkpoint's
+    c.model.scan_layers = False  # from init_from: the checkpoint's layout
+    c.model.pre_layer_norm = structure["pre_layer_norm"]  # from init_from: the checkpoint's
 
     c.data = ml_collections.ConfigDict()
     folder = os.path.join(TASKS_DIR, task)

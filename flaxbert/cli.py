@@ -9,7 +9,13 @@ import os
 import shutil
 import sys
 
-from flaxbert.config import ConfigError, UserError, load_config, report_user_error
+from flaxbert.config import (
+    ConfigError,
+    UserError,
+    load_config,
+    override_keys,
+    report_user_error,
+)
 
 log = logging.getLogger("flaxbert")
 
@@ -227,12 +233,12 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
         from flaxbert.train import pretrain
 
         with nothing_half_made(args.workdir, keep=(CACHE_SUBDIR,)):
-            pretrain(config, args.workdir)
+            pretrain(config, args.workdir, explicit=override_keys(overrides))
     elif args.command == "finetune":
         from flaxbert.finetune import finetune
 
         with nothing_half_made(args.workdir):
-            finetune(config, args.workdir)
+            finetune(config, args.workdir, explicit=override_keys(overrides))
     elif args.command == "compile":
         from flaxbert.preflight import preflight
 

@@ -103,6 +103,15 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides) -> ml_collecti
     return fv.config
 
 
+def override_keys(overrides) -> frozenset[str]:
+    """The config keys (`model.vocab_size`, ...) that `--config.KEY=VALUE` overrides name: what
+    the user set on purpose, which a run checks against a checkpoint or a tokenizer instead of
+    letting them decide (`flaxbert.model_config.user_set_keys`)."""
+    return frozenset(
+        arg[len("--config.") :].split("=", 1)[0] for arg in _normalise_overrides(list(overrides))
+    )
+
+
 def _normalise_overrides(argv: list[str]) -> list[str]:
     out, i = [], 0
     while i < len(argv):

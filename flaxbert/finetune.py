@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+from collections.abc import Collection
 
 import flax.linen as nn
 import jax
@@ -45,7 +46,7 @@ from flaxbert.loop import (
 )
 from flaxbert.optim import TrainState, make_optimizer
 from flaxbert.pretrain_step import logical_dims
-from flaxbert.run_files import write_run_config
+from flaxbert.run_files import with_model, write_run_config
 from flaxbert.sharding import Parallel, make_parallel
 
 log = logging.getLogger("flaxbert")
@@ -208,16 +209,23 @@ class FineTuning:
 
 
 def finetune(
-    config: ml_collections.ConfigDict, workdir: str, parallel: Parallel | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    parallel: Parallel | None = None,
+    explicit: Collection[str] = (),
 ) -> FinetuneResult:
     """Fine-tunes as `config` says (see the module doc), writing everything into `workdir`;
     resumes from the workdir's latest checkpoint, and does nothing when the run has finished.
     `parallel` overrides the strategy `config.parallel` names. Raises ConfigError (a key
     that does not fit, named), CheckpointMismatchError (init_from or the workdir's checkpoint
-    does not fit the model), FloatingPointError (train.nonfinite)."""
+    does not fit the model), FloatingPointError (train.nonfinite).
+
+    From a checkpoint the model's structure is the checkpoint's (`finetune_setup.model_config_for`);
+    `explicit` names the config keys the user gave on the command line, which must then fit."""
     jax.config.update("jax_threefry_partitionable", True)
     t = config.train
-    data = task_data(config)
+    data = task_data(config, explicit)
+    config = with_model(config, data.model_config)
     run_config = write_run_config(config, workdir)
     tokenizer_ref = ckpt.keep_tokenizer(workdir, data.tokenizer_path)
     dims = {**logical_dims(data.model_config), "classes": max(data.kind.num_labels, 2)}

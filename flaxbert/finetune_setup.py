@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Collection
 
 import ml_collections
 
@@ -22,7 +23,7 @@ from flaxbert.data.task_spec import ReaderSpec
 from flaxbert.data.task_tfds import read_tfds
 from flaxbert.finetune_tasks import Features, PackedEpochs, make_kind
 from flaxbert.loop import validate_loop_config
-from flaxbert.model_config import STRUCTURAL_KEYS, BertConfig
+from flaxbert.model_config import BertConfig, structure_from_checkpoint, user_set_keys
 from flaxbert.tokenizer import load_tokenizer
 
 log = logging.getLogger("flaxbert")
@@ -45,16 +46,17 @@ class TaskData:
     eval_every: int
 
 
-def task_data(config: ml_collections.ConfigDict) -> TaskData:
+def task_data(config: ml_collections.ConfigDict, explicit: Collection[str] = ()) -> TaskData:
     """Reads and tokenizes the splits and plans the steps; raises ConfigError naming the key
-    of anything that does not fit (files, sizes, packing, batch size)."""
+    of anything that does not fit (files, sizes, packing, batch size). `explicit`: the config
+    keys named on the command line (see `model_config_for`)."""
     d, t = config.data, config.train
     spec = ReaderSpec.from_config(d.reader)
     labels = [x for x in d.label_list.split(",") if x] if d.label_list else []
     kind = make_kind(config.kind, labels, config.metrics)
     tokenizer_path = resolve_tokenizer(config)
     tokenizer = load_tokenizer(tokenizer_path)
-    model_config = model_config_for(config, tokenizer.vocab_size)
+    model_config = model_config_for(config, tokenizer.vocab_size, explicit)
     require(
         d.max_seq_length <= model_config.max_position_embeddings,
         "data.max_seq_length",
@@ -133,7 +135,7 @@ def _step_plan(config, train_f: Features):
     return packed, steps_per_epoch, t.num_steps or packed.steps_for(t.num_epochs)
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
 
@@ -148,7 +150,7 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
                 f"config key init_from={config.init_from!r}: that checkpoint was pre-trained on "
                 "the embedded synthetic corpus and has no tokenizer, so it cannot read text"
             )
-        if own and _sha256(own) != _sha256(path):
+        if own and file_sha256(own) != file_sha256(path):
             raise ConfigError(
                 f"config key data.tokenizer={own!r} differs from the tokenizer the checkpoint was "
                 f"trained with ({path}); leave data.tokenizer empty to use the checkpoint's"
@@ -166,7 +168,15 @@ def resolve_tokenizer(config: ml_collections.ConfigDict) -> str:
     return own
 
 
-def model_config_for(config: ml_collections.ConfigDict, vocab_size: int) -> BertConfig:
+def model_config_for(
+    config: ml_collections.ConfigDict, vocab_size: int, explicit: Collection[str] = ()
+) -> BertConfig:
+    """The run's `BertConfig`. From a checkpoint (`init_from`) its structure (sizes, layers,
+    heads, positions, layer layout, LayerNorm placement) is the checkpoint's, whatever size the
+    config names, unless the user set a key (`explicit`: keys named on the command line, or a
+    value other than the config's `variant` gives), which must then agree. Without one it is
+    the config's. `model.vocab_size` 0 follows the tokenizer (`vocab_size` pieces).
+    Raises ConfigError naming every key that does not fit."""
     values = config.model.to_dict()
     if not values.get("vocab_size"):
         values["vocab_size"] = vocab_size
@@ -179,28 +189,13 @@ def model_config_for(config: ml_collections.ConfigDict, vocab_size: int) -> Bert
     if config.init_from:
         step_dir, meta = ckpt.read_meta(config.init_from)
         saved = meta.get("model") or meta.get("config", {}).get("model", {})
-        diff = [
-            f"model.{k}={values[k]} but the checkpoint has {saved[k]}"
-            for k in STRUCTURAL_KEYS
-            if k in saved and saved[k] != values[k]
-        ]
-        # The layers' layout (one stacked tree or one per layer) and the blocks' LayerNorm
-        # placement: a pre-LN checkpoint read as post-LN would run, wrongly, without a word.
-        layouts = {
-            "scan_layers": "its layers are stored in that layout",
-            "pre_layer_norm": "its blocks were trained with that LayerNorm placement",
-        }
-        for key, why in layouts.items():
-            if bool(saved.get(key, False)) != bool(values.get(key, False)):
-                diff.append(
-                    f"model.{key}={values.get(key, False)} but the checkpoint has "
-                    f"{saved.get(key, False)} ({why})"
-                )
-        if diff:
-            raise ConfigError(
-                f"the config does not fit the checkpoint {step_dir}: " + "; ".join(diff) + ". "
-                "Pick the matching size (configs/finetune.py:TASK,VARIANT) or override these keys"
-            )
+        user_set = user_set_keys(values, config.get("variant", ""), explicit)
+        try:
+            values, taken = structure_from_checkpoint(values, saved, user_set, step_dir)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if taken:
+            log.info("model structure from the checkpoint %s: %s", step_dir, ", ".join(taken))
     try:
         return BertConfig.from_dict(values)
     except ValueError as e:
@@ -263,14 +258,14 @@ def restore_encoder(state, target_params, parallel, init_from: str, init_pooler:
     log.info(
         "restored from %s: %s; freshly initialised: %s; not used from the checkpoint: %s",
         step_dir,
-        ", ".join(_compact(restored_names)),
+        ", ".join(compact_names(restored_names)),
         ", ".join(new) or "nothing",
         ", ".join(dropped) or "nothing",
     )
     return state.replace(params=params), restored_names
 
 
-def _compact(names: list[str]) -> list[str]:
+def compact_names(names: list[str]) -> list[str]:
     """bert/layer_0 ... bert/layer_11 -> bert/layer_0..11."""
     layers = sorted(int(n.rsplit("_", 1)[1]) for n in names if n.startswith("bert/layer_"))
     rest = [n for n in names if not n.startswith("bert/layer_")]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import jax
@@ -34,6 +34,91 @@ STRUCTURAL_KEYS = (
     "max_position_embeddings",
     "type_vocab_size",
 )
+
+
+# The keys that fix how the saved parameters are read: one stacked tree or one per layer, and
+# the blocks' LayerNorm placement (a pre-LN checkpoint read as post-LN runs, wrongly, silently).
+LAYOUT_KEYS = ("scan_layers", "pre_layer_norm")
+
+# Named model sizes: (layers L, hidden H, heads A), intermediate size 4H. After Google's compact
+# BERTs (Turc et al., 2019, "Well-Read Students Learn Better") and the BERT paper (base, large).
+VARIANTS = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+    # configs/pretrain.py's CPU half-hour recipe: tiny's size with pre-LayerNorm blocks.
+    "cpu30": (2, 128, 2),
+}
+PRE_LAYER_NORM_VARIANTS = ("cpu30",)
+
+
+def variant_structure(name: str) -> dict[str, Any]:
+    """The structural `model.*` values (`STRUCTURAL_KEYS` but vocab_size, and `LAYOUT_KEYS`)
+    of the named size. Raises KeyError naming the sizes for an unknown name."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    layers, hidden, heads = VARIANTS[name]
+    return {
+        "hidden_size": hidden,
+        "num_layers": layers,
+        "num_heads": heads,
+        "intermediate_size": 4 * hidden,
+        "max_position_embeddings": 512,
+        "type_vocab_size": 2,
+        "scan_layers": False,
+        "pre_layer_norm": name in PRE_LAYER_NORM_VARIANTS,
+    }
+
+
+def structure_from_checkpoint(
+    values: Mapping[str, Any],
+    saved: Mapping[str, Any],
+    user_set: Collection[str],
+    where: str,
+) -> tuple[dict[str, Any], list[str]]:
+    """The `model.*` values of a run that starts from a checkpoint: every structural and
+    layout key (`STRUCTURAL_KEYS` but vocab_size, `LAYOUT_KEYS`) the checkpoint records is
+    taken from it, unless the user set it (`user_set`: keys named on the command line or
+    changed from the config's size), in which case it must agree.
+
+    `values`: the config's `model` dict; `saved`: the checkpoint's (its meta `model`).
+    Returns (the new values, the `model.KEY=VALUE` strings taken from the checkpoint that
+    differ from the config's). Raises ValueError naming every user-set key that disagrees,
+    with `where` (the checkpoint) in the message."""
+    out, taken, clash = dict(values), [], []
+    for key in [k for k in STRUCTURAL_KEYS if k != "vocab_size"] + list(LAYOUT_KEYS):
+        if key not in saved:
+            continue
+        mine, theirs = values.get(key), saved[key]
+        if key in LAYOUT_KEYS:
+            mine, theirs = bool(mine), bool(theirs)
+        if mine == theirs:
+            continue
+        if key in user_set:
+            clash.append(f"model.{key}={mine} but the checkpoint has {theirs}")
+        else:
+            out[key] = theirs
+            taken.append(f"model.{key}={theirs}")
+    if clash:
+        raise ValueError(
+            f"the config does not fit the checkpoint {where}: {'; '.join(clash)}. Leave these "
+            "keys unset: a run started from a checkpoint takes its structure from it"
+        )
+    return out, taken
+
+
+def user_set_keys(model: Mapping[str, Any], variant: str, explicit: Collection[str]) -> set[str]:
+    """The `model.*` keys a user set: named on the command line (`explicit`, full
+    `model.KEY` names) or holding a value other than the config's size (`variant`) gives.
+    Without a known variant every structural key counts as set."""
+    keys = {k.split(".", 1)[1] for k in explicit if k.startswith("model.")}
+    if variant not in VARIANTS:
+        return keys | set(STRUCTURAL_KEYS) | set(LAYOUT_KEYS)
+    default = variant_structure(variant)
+    return keys | {k for k, v in default.items() if k in model and model[k] != v}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,6 +26,19 @@ def write_run_config(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def with_model(config: ml_collections.ConfigDict, model_config) -> ml_collections.ConfigDict:
+    """A copy of `config` whose `model` keys hold the values the run really uses (`model_config`,
+    a BertConfig: a vocabulary that follows the tokenizer, a structure taken from a checkpoint),
+    so that config.json records the model that was built. `config` itself is not changed."""
+    import dataclasses
+
+    out = config.copy_and_resolve_references()
+    for key, value in dataclasses.asdict(model_config).items():
+        if key in out.model and key != "dtype":  # dtype 'auto' stays as the user wrote it
+            out.model[key] = value
+    return out
+
+
 def read_final_metrics(workdir: str) -> dict:
     """WORKDIR/final_metrics.json, or {} when it is absent or unreadable."""
     try:

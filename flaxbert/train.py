@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Collection
 from typing import Any
 
 import jax
@@ -23,10 +24,15 @@ import optax
 
 from flaxbert import checkpoint as ckpt
 from flaxbert.config import ConfigError, require
+from flaxbert.continued import (
+    check_corpus_tokenizer,
+    continued_config,
+    restore_pretraining_params,
+)
 from flaxbert.data.instances import InstanceConfig
 from flaxbert.data.packing import packed_predictions
 from flaxbert.data.pretraining import PretrainingBatches
-from flaxbert.data.sources import load_corpus
+from flaxbert.data.sources import expected_vocab_size, load_corpus
 from flaxbert.loop import (
     Cadence,
     LoopResult,
@@ -51,6 +57,7 @@ from flaxbert.run_files import (
     finished_checkpoint,
     log_already_finished,
     read_final_metrics,
+    with_model,
     write_run_config,
 )
 from flaxbert.sharding import Parallel, make_parallel
@@ -248,7 +255,8 @@ def check_vocab(corpus, model_config: BertConfig) -> None:
             "model.vocab_size",
             model_config.vocab_size,
             f"does not match the tokenizer {corpus.tokenizer_path} ({corpus.vocab_size} "
-            f"pieces); set --config.model.vocab_size={corpus.vocab_size}",
+            f"pieces); leave --config.model.vocab_size out to follow the tokenizer, or set it "
+            f"to {corpus.vocab_size}",
         )
     else:
         require(
@@ -376,29 +384,46 @@ def _eval_batches(config, corpus, parallel) -> list[dict]:
 
 
 def pretrain(
-    config: ml_collections.ConfigDict, workdir: str, parallel: Parallel | None = None
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    parallel: Parallel | None = None,
+    explicit: Collection[str] = (),
 ) -> PretrainResult:
     """Pre-trains as `config` says, writing everything into `workdir`; continues from the
     latest complete checkpoint in `workdir` when there is one, and does nothing (reading no
     data) when that checkpoint is at train.num_steps and final_metrics.json was written.
+    With `config.init_from` a fresh run starts from that checkpoint (`flaxbert.continued`).
 
-    `parallel` (a `flaxbert.sharding` strategy) overrides the one `config.parallel` names.
+    `model.vocab_size` follows the data's tokenizer unless `explicit` (the config keys named
+    on the command line) holds it. `parallel` (a `flaxbert.sharding` strategy) overrides the
+    one `config.parallel` names.
     Raises ConfigError (a bad key, before any work), FloatingPointError (train.nonfinite)."""
     # Random bits independent of the sharding: the same dropout masks on any mesh.
     jax.config.update("jax_threefry_partitionable", True)
+    if config.get("init_from"):
+        config = continued_config(config, explicit)
     model_config = validate_pretrain_config(config)
     t, c = config.train, config.checkpoint
     done = finished_checkpoint(workdir, c, t.num_steps)
     if done is not None:
         return _already_finished(workdir, done, t.num_steps)
+    follow = "model.vocab_size" not in explicit
+    if follow:
+        model_config = _with_vocab(model_config, expected_vocab_size(config.data, workdir))
     # A bad mesh or batch split stops the run before the data are read.
-    parallel = parallel or parallel_from_config(config, model_config)
+    chosen = parallel or parallel_from_config(config, model_config)
     corpus = load_corpus(config.data, workdir)
+    if config.get("init_from"):
+        check_corpus_tokenizer(config.init_from, corpus.tokenizer_path)
+    if follow and corpus.exact_vocab and corpus.vocab_size != model_config.vocab_size:
+        model_config = _with_vocab(model_config, corpus.vocab_size)
+        chosen = parallel or parallel_from_config(config, model_config)
     check_vocab(corpus, model_config)
+    config = with_model(config, model_config)
     run_config = write_run_config(config, workdir)
     log.info("data: %s", corpus.description)
     tokenizer_ref = ckpt.keep_tokenizer(workdir, corpus.tokenizer_path)
-    setup = setup_training(config, model_config, parallel)
+    setup = setup_training(config, model_config, chosen)
     log.info("parallel: %s", setup.parallel.description)
     checkpoints = ckpt.Checkpoints(
         ckpt.checkpoint_directory(workdir, c),
@@ -412,7 +437,7 @@ def pretrain(
         setup.parallel,
         setup.abstract_state(),
         t.seed,
-        setup.create_state,
+        _fresh_state(setup, config.get("init_from", "")),
         run_config,
         t.num_steps,
     )
@@ -455,6 +480,31 @@ def pretrain(
         preempted=result.preempted,
         skipped_updates=result.skipped_updates,
     )
+
+
+def _fresh_state(setup: TrainingSetup, init_from: str):
+    """rng -> the state a new run starts from: fresh, or filled from `init_from`."""
+    if not init_from:
+        return setup.create_state
+
+    def fresh(rng):
+        target = setup.parallel.checkpoint_abstract(setup.abstract_state()).params
+        state = setup.create_state(rng)
+        return restore_pretraining_params(state, target, setup.parallel, init_from)
+
+    return fresh
+
+
+def _with_vocab(model_config: BertConfig, vocab_size: int | None) -> BertConfig:
+    if not vocab_size or vocab_size == model_config.vocab_size:
+        return model_config
+    log.info(
+        "model.vocab_size=%d: the tokenizer's size (the config had %d; name "
+        "--config.model.vocab_size to fix it)",
+        vocab_size,
+        model_config.vocab_size,
+    )
+    return dataclasses.replace(model_config, vocab_size=vocab_size)
 
 
 def _log_model(setup: TrainingSetup, model_config: BertConfig) -> None:

@@ -11,6 +11,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from shared_data import corpus_head
 
 pytest.importorskip(
     "transformers",
@@ -19,7 +20,7 @@ pytest.importorskip(
 )
 
 from flaxbert import checkpoint as ckpt  # noqa: E402
-from flaxbert.config import load_config  # noqa: E402
+from flaxbert.config import ConfigError, load_config, override_keys  # noqa: E402
 from flaxbert.convert import (  # noqa: E402
     ConversionError,
     export_hf,
@@ -748,3 +749,81 @@ def test_sentencepiece_export_imports_back(hf, tmp_path):
     export_hf(result.workdir, str(tmp_path / "hf2"))
     for name in ("model.safetensors", "tokenizer.model"):
         assert (tmp_path / "hf2" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes()
+
+
+def _en_documents(path, lines):
+    """The first `lines` lines of the shared English corpus, a document every 20 lines."""
+    text = corpus_head("en_gutenberg.txt", lines, path).read_text(encoding="utf-8").splitlines()
+    doc = "".join(line + ("\n\n" if i % 20 == 19 else "\n") for i, line in enumerate(text))
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def test_continued_pretraining_starts_from_the_converted_model(hf, repo_root, tmp_path, caplog):
+    """`flaxbert pretrain --config.init_from=CONVERTED` on a slice of a shared corpus: the
+    structure, tokenizer, encoder and MLM/NSP heads are the converted model's (the first
+    training loss is its loss on the first batch, not a random model's), the optimizer and
+    the step start fresh, and nothing is written into the converted directory."""
+    from flaxbert.continued import continued_config
+    from flaxbert.data.sources import load_corpus
+    from flaxbert.pretrain_step import init_params, pretraining_sums, summarise
+    from flaxbert.train import make_train_batches, parallel_from_config, pretrain
+
+    _, _, msgpack_dir, _ = hf
+    converted = import_hf(str(msgpack_dir), str(tmp_path / "converted"))
+    before = {str(p): p.stat().st_mtime_ns for p in (tmp_path / "converted").rglob("*")}
+    corpus = _en_documents(tmp_path / "en.txt", 600)
+    overrides = [
+        f"--config.init_from={converted.workdir}",
+        f"--config.data.corpus={corpus}",
+        "--config.data.max_seq_length=32",
+        "--config.data.max_predictions_per_seq=5",
+        "--config.data.validation_fraction=0.2",
+        "--config.train.num_steps=2",
+        "--config.train.batch_size=8",
+        "--config.train.warmup_steps=1",
+        "--config.train.log_every=1",
+        "--config.eval.every_steps=0",
+        "--config.eval.num_batches=1",
+        "--config.eval.batch_size=8",
+        "--config.checkpoint.async_save=False",
+    ]
+    # tiny is hidden 128; the checkpoint's 32 (and its vocabulary) win, as nothing named them.
+    config = load_config(str(repo_root / "configs/pretrain.py") + ":tiny", overrides)
+    caplog.set_level(logging.INFO)
+    workdir = tmp_path / "continued"
+    result = pretrain(config, str(workdir), explicit=override_keys(overrides))
+    assert (result.start_step, result.final_step) == (0, 2)
+    built = json.loads((workdir / "config.json").read_text())["model"]
+    assert (built["hidden_size"], built["num_layers"], built["vocab_size"]) == (32, 2, VOCAB_SIZE)
+    assert (workdir / "vocab.txt").read_bytes() == (tmp_path / "converted/vocab.txt").read_bytes()
+    assert "freshly initialised: nothing" in caplog.text
+    after = {str(p): p.stat().st_mtime_ns for p in (tmp_path / "converted").rglob("*")}
+    assert after == before  # the checkpoint directory is only read
+
+    # The first logged loss is the converted model's loss on batch 0 (dropout is off in tiny).
+    resolved = continued_config(config)
+    model_config = ckpt.model_config_of(ckpt.read_meta(converted.workdir)[1], dropout=False)
+    model = BertForPreTraining(model_config)
+    data = load_corpus(resolved.data, str(workdir))
+    batches = make_train_batches(resolved, data, parallel_from_config(resolved, model_config))
+    batch = {k: jax.numpy.asarray(v) for k, v in batches.batch(0).items()}
+
+    def loss(params):
+        return float(summarise(pretraining_sums(model, params, batch, deterministic=True))["loss"])
+
+    first = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == 1
+    converted_loss = loss(read_params(converted.step_dir))
+    random_loss = loss(init_params(model, jax.random.key(0), 32, 5))
+    assert abs(first["loss"] - converted_loss) < 1e-4, (first["loss"], converted_loss)
+    assert abs(random_loss - converted_loss) > 0.02, (random_loss, converted_loss)
+
+    # A structural key named on the command line must agree with the checkpoint.
+    named = [*overrides, "--config.model.hidden_size=128"]
+    with pytest.raises(ConfigError, match="model.hidden_size=128 but the checkpoint has 32"):
+        pretrain(
+            load_config(str(repo_root / "configs/pretrain.py") + ":tiny", named),
+            str(tmp_path / "other"),
+            explicit=override_keys(named),
+        )

@@ -13,7 +13,7 @@ from tiny import SMALL_MODEL, ko_en_pretraining_workdir
 
 from flaxbert import checkpoint as ckpt
 from flaxbert import finetune_tasks, optim
-from flaxbert.config import ConfigError, load_config
+from flaxbert.config import ConfigError, load_config, override_keys
 from flaxbert.features import extract_features
 from flaxbert.finetune import finetune
 
@@ -88,6 +88,39 @@ def test_config_that_does_not_fit_the_checkpoint_is_named(repo_root, tmp_path, p
     )
     with pytest.raises(ConfigError, match="model.pre_layer_norm=True but the checkpoint has False"):
         finetune(config, str(tmp_path / "ft3"))
+
+
+def test_structure_comes_from_the_checkpoint_whatever_the_variant(repo_root, tmp_path, pretrained):
+    """`configs/finetune.py:TASK` names no size (mini by default): from a tiny checkpoint the
+    model is the checkpoint's, and config.json records what was built. A structural key the
+    user names on the command line must agree, even when it equals the variant's value."""
+    _tasks_dir()
+    workdir, saved = pretrained
+    saved_model = ckpt.read_meta(workdir)[1]["model"]
+    overrides = [
+        f"--config.init_from={workdir}",
+        "--config.data.max_seq_length=32",
+        "--config.data.train_limit=16",
+        "--config.data.eval_limit=16",
+        "--config.train.batch_size=16",
+        "--config.eval.batch_size=16",
+        "--config.train.num_steps=1",
+    ]
+    spec = str(repo_root / "configs/finetune.py") + ":nsmc"
+    config = load_config(spec, overrides)
+    assert config.model.hidden_size == 256 != saved_model["hidden_size"]  # mini's
+    result = finetune(config, str(tmp_path / "ft"))
+    assert result.final_step == 1
+    built = json.loads((tmp_path / "ft/config.json").read_text())["model"]
+    keys = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size")
+    assert {k: built[k] for k in keys} == {k: saved_model[k] for k in keys}
+    shapes = jax.tree.map(np.shape, jax.device_get(result.state.params["bert"]))
+    assert shapes == jax.tree.map(np.shape, saved["bert"])
+
+    named = [*overrides, "--config.model.hidden_size=256"]  # mini's own value, said out loud
+    with pytest.raises(ConfigError, match="model.hidden_size=256 but the checkpoint has 32"):
+        finetune(load_config(spec, named), str(tmp_path / "ft2"), explicit=override_keys(named))
+    assert not (tmp_path / "ft2" / "checkpoints").exists()
 
 
 @pytest.mark.parametrize(

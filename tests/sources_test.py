@@ -8,7 +8,7 @@ import os
 import pytest
 from shared_data import corpus_head
 
-from flaxbert.config import ConfigError, load_config
+from flaxbert.config import ConfigError, load_config, override_keys
 from flaxbert.data.sources import cached_tokenizer_path, load_corpus
 from flaxbert.train import pretrain
 
@@ -20,13 +20,13 @@ def _slice(repo_root, tmp_path, name, lines):
 
 
 def _config(repo_root, corpus, cache, vocab, *extra):
+    """tiny on `corpus`; model.vocab_size is left to follow the tokenizer."""
     return load_config(
         f"{repo_root / 'configs/pretrain.py'}:tiny",
         [
             f"--config.data.corpus={corpus}",
             f"--config.data.cache_dir={cache}",
             f"--config.data.vocab_size={vocab}",
-            f"--config.model.vocab_size={vocab}",
             f"--config.data.max_seq_length={SEQ}",
             "--config.data.max_predictions_per_seq=10",
             "--config.data.validation_fraction=0.1",
@@ -62,8 +62,12 @@ def test_pretrain_on_a_shared_corpus_slice(repo_root, tmp_path, caplog, name, li
         "--config.data.whole_word_masking=True",
         "--config.train.warmup_steps=1",
     )
+    assert config.model.vocab_size == 512  # tiny's, for the embedded corpus
     result = pretrain(config, str(tmp_path / "run"))
     assert list(cache.glob("*.model")) and list(cache.glob("*-prepared-*/COMPLETE"))
+    # model.vocab_size was not named: it follows the tokenizer trained on first use.
+    assert json.loads((tmp_path / "run/config.json").read_text())["model"]["vocab_size"] == vocab
+    assert f"model.vocab_size={vocab}: the tokenizer's size" in caplog.text
     rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
     assert [r["step"] for r in train_rows] == [3, 6]
@@ -82,10 +86,12 @@ def test_pretrain_on_a_shared_corpus_slice(repo_root, tmp_path, caplog, name, li
 
 
 def test_vocab_mismatch_stops_before_training(repo_root, tmp_path):
+    """A model.vocab_size named on the command line is the user's: it must fit the tokenizer."""
     corpus = _slice(repo_root, tmp_path, "ko_nsmc_reviews.txt", 2000)
-    config = _config(repo_root, corpus, tmp_path / "cache", 2000, "--config.model.vocab_size=2100")
+    named = "--config.model.vocab_size=2100"
+    config = _config(repo_root, corpus, tmp_path / "cache", 2000, named)
     with pytest.raises(ConfigError, match=r"model\.vocab_size=2100.*2000 pieces"):
-        pretrain(config, str(tmp_path / "run"))
+        pretrain(config, str(tmp_path / "run"), explicit=override_keys([named]))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

@@ -62,7 +62,7 @@ from flaxbert.data.prepared import (
 )
 from flaxbert.data.shards import tokenize_shards
 from flaxbert.data.text_io import CorpusError, ReadStats
-from flaxbert.tokenizer import Tokenizer
+from flaxbert.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def _build(corpus, tokenizer_path, tokenizer_sha256, output_dir, options, num_wo
     """Tokenises, splits and writes the dataset and side arrays; returns the counts."""
     scratch_dir = os.path.join(output_dir, _SCRATCH)
     os.makedirs(scratch_dir)
-    vocab_size = Tokenizer.load(tokenizer_path).vocab_size
+    vocab_size = load_tokenizer(tokenizer_path).vocab_size
     stats = ReadStats()
     scratch = tokenize_shards(corpus, tokenizer_path, scratch_dir, num_workers, options, stats)
     scratch.assign_splits(

@@ -26,7 +26,7 @@ from flaxbert.config import UserError
 from flaxbert.data import text
 from flaxbert.data.prepared import PrepareError, Scratch
 from flaxbert.data.text_io import CorpusError, ReadStats
-from flaxbert.tokenizer import Tokenizer
+from flaxbert.tokenizer import load_tokenizer
 
 # The logger `flaxbert prepare` has always logged its steps to.
 log = logging.getLogger("flaxbert.data.prepare")
@@ -232,7 +232,7 @@ _WORKER_TOKENIZER = None
 
 def _load_worker_tokenizer(path: str) -> None:
     global _WORKER_TOKENIZER
-    _WORKER_TOKENIZER = Tokenizer.load(path)
+    _WORKER_TOKENIZER = load_tokenizer(path)
 
 
 def _read_shard_in_worker(shard, options, scratch_dir) -> _ShardResult:
@@ -256,7 +256,7 @@ def _encode_sentences(sentences: list[str], tokenizer) -> tuple[np.ndarray, np.n
 def _shard_reader(tokenizer_path: str, num_workers: int, options: dict, scratch_dir: str):
     """Yields read(shards) -> iterator of _ShardResult, in shard order."""
     if num_workers <= 1:
-        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
         yield lambda shards: (_read_shard(s, options, scratch_dir, tokenizer) for s in shards)
         return
     # spawn, not fork: the caller may hold JAX or other threads that fork would copy badly.

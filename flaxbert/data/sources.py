@@ -56,6 +56,24 @@ def load_corpus(data: ml_collections.ConfigDict, workdir: str) -> PretrainingCor
     return _from_raw(data, workdir)
 
 
+def expected_vocab_size(data: ml_collections.ConfigDict, workdir: str) -> int | None:
+    """The vocabulary `load_corpus(data, workdir)` will have, known before it reads anything:
+    a prepared directory's tokenizer, `data.tokenizer` (or the cached one) when it exists, else
+    `data.vocab_size` (the pieces of the tokenizer it will train). None for the embedded corpus,
+    whose word list any `model.vocab_size` at least as large covers."""
+    if not data.corpus:
+        return None
+    if _is_prepared_dir(data.corpus):
+        from flaxbert.data.prepared import load_prepared
+
+        return int(load_prepared(data.corpus).summary["tokenizer"]["vocab_size"])
+    cache = data.cache_dir or os.path.join(workdir, CACHE_SUBDIR)
+    path = data.tokenizer or cached_tokenizer_path(data, cache)
+    if os.path.exists(path):
+        return _load_tokenizer(path).vocab_size
+    return data.vocab_size
+
+
 def _synthetic(data) -> PretrainingCorpus:
     for key in ("synthetic_documents", "synthetic_eval_documents", "synthetic_topics"):
         if data[key] < 2:
@@ -128,12 +146,12 @@ def load_prepared_corpus(path: str) -> PretrainingCorpus:
 
 
 def _load_tokenizer(path: str):
-    from flaxbert.tokenizer import Tokenizer
+    from flaxbert.tokenizer import load_tokenizer
 
     if not os.path.exists(path):
         raise ConfigError(f"tokenizer model {path} not found (config key data.tokenizer)")
     try:
-        return Tokenizer.load(path)
+        return load_tokenizer(path)
     except ValueError as e:
         raise ConfigError(f"tokenizer {path}: {e}") from None
 
