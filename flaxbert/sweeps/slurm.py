@@ -43,7 +43,9 @@ def emit_slurm(sweep: Sweep, parallel: int | None = None) -> str:
 #
 # A task whose point is finished exits at once; an interrupted one resumes from its latest
 # checkpoint, so resubmitting the script (or one task: sbatch --array=3 ...) is safe. Each
-# point logs to its workdir's log.txt. When all are done:
+# point logs to its workdir's log.txt. Options given to sbatch override the #SBATCH lines,
+# e.g. on nodes without GPUs: sbatch --gpus-per-task=0 --cpus-per-task=2 {path}
+# When all are done:
 #
 #   flaxbert sweep-summary {out_dir}
 #
