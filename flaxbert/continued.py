@@ -22,19 +22,29 @@ log = logging.getLogger("flaxbert")
 
 
 def continued_config(
-    config: ml_collections.ConfigDict, explicit: Collection[str] = ()
+    config: ml_collections.ConfigDict, explicit: Collection[str] = (), own_checkpoints: str = ""
 ) -> ml_collections.ConfigDict:
     """A copy of the pre-training `config` for a run from `config.init_from` (W): `model.*`
     structure from W unless the user set a key (`explicit`: keys named on the command line;
     see `flaxbert.model_config.user_set_keys`), `data.tokenizer` = W's tokenizer, and
-    `model.vocab_size` = W's unless named on the command line.
+    `model.vocab_size` = W's unless named on the command line. When `own_checkpoints` (the
+    run's checkpoint directory) already holds a checkpoint, the run is resuming: structure and
+    tokenizer come from there (the workdir keeps a copy of the tokenizer), so a resumed run
+    does not need W any more.
 
     Raises ConfigError (CheckpointNotFoundError) when W is not a checkpoint, when a key the
     user set disagrees with W, when `data.tokenizer` is another tokenizer than W's, and when W
     and `data.corpus` do not share token ids (W from the embedded corpus continued on text, or
     the other way round)."""
     w = config.init_from
-    step_dir, meta = ckpt.read_meta(w)
+    source = w
+    if own_checkpoints:
+        try:
+            ckpt.read_meta(own_checkpoints)
+            source = own_checkpoints
+        except ckpt.CheckpointNotFoundError:
+            pass
+    step_dir, meta = ckpt.read_meta(source)
     saved = meta.get("model") or meta.get("config", {}).get("model", {})
     values = config.model.to_dict()
     user_set = user_set_keys(values, config.get("variant", ""), explicit)
@@ -44,7 +54,7 @@ def continued_config(
         raise ConfigError(f"config key init_from={w!r}: {e}") from None
     if "model.vocab_size" not in explicit and saved.get("vocab_size"):
         values["vocab_size"] = saved["vocab_size"]
-    tokenizer = ckpt.tokenizer_of(w)
+    tokenizer = ckpt.tokenizer_of(source)
     d = config.data
     if not tokenizer and d.corpus:
         raise ConfigError(
@@ -77,10 +87,10 @@ def continued_config(
     return out
 
 
-def check_corpus_tokenizer(init_from: str, corpus_tokenizer: str) -> None:
-    """A prepared corpus (`flaxbert prepare`) carries its own tokenizer: it must be W's.
-    Raises ConfigError otherwise."""
-    tokenizer = ckpt.tokenizer_of(init_from)
+def check_corpus_tokenizer(tokenizer: str, corpus_tokenizer: str) -> None:
+    """A prepared corpus (`flaxbert prepare`) carries its own tokenizer: it must be the
+    checkpoint's (`tokenizer`, as `continued_config` resolved it). Raises ConfigError
+    otherwise."""
     if tokenizer and corpus_tokenizer and file_sha256(corpus_tokenizer) != file_sha256(tokenizer):
         raise ConfigError(
             f"config key data.corpus: it was prepared with the tokenizer {corpus_tokenizer}, "

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import logging
 import math
+import os
 from collections.abc import Collection
 from typing import Any
 
@@ -401,7 +402,8 @@ def pretrain(
     # Random bits independent of the sharding: the same dropout masks on any mesh.
     jax.config.update("jax_threefry_partitionable", True)
     if config.get("init_from"):
-        config = continued_config(config, explicit)
+        own = ckpt.checkpoint_directory(workdir, config.checkpoint)
+        config = continued_config(config, explicit, own if os.path.isdir(own) else "")
     model_config = validate_pretrain_config(config)
     t, c = config.train, config.checkpoint
     done = finished_checkpoint(workdir, c, t.num_steps)
@@ -414,7 +416,7 @@ def pretrain(
     chosen = parallel or parallel_from_config(config, model_config)
     corpus = load_corpus(config.data, workdir)
     if config.get("init_from"):
-        check_corpus_tokenizer(config.init_from, corpus.tokenizer_path)
+        check_corpus_tokenizer(config.data.tokenizer, corpus.tokenizer_path)
     if follow and corpus.exact_vocab and corpus.vocab_size != model_config.vocab_size:
         model_config = _with_vocab(model_config, corpus.vocab_size)
         chosen = parallel or parallel_from_config(config, model_config)

@@ -819,6 +819,14 @@ def test_continued_pretraining_starts_from_the_converted_model(hf, repo_root, tm
     assert abs(first["loss"] - converted_loss) < 1e-4, (first["loss"], converted_loss)
     assert abs(random_loss - converted_loss) > 0.02, (random_loss, converted_loss)
 
+    # Re-run with more steps: it resumes from its own checkpoint, without the source.
+    shutil.move(tmp_path / "converted", tmp_path / "moved")
+    more = [o for o in overrides if "num_steps" not in o] + ["--config.train.num_steps=3"]
+    config = load_config(str(repo_root / "configs/pretrain.py") + ":tiny", more)
+    resumed = pretrain(config, str(workdir), explicit=override_keys(more))
+    assert (resumed.start_step, resumed.final_step) == (2, 3)
+    shutil.move(tmp_path / "moved", tmp_path / "converted")
+
     # A structural key named on the command line must agree with the checkpoint.
     named = [*overrides, "--config.model.hidden_size=128"]
     with pytest.raises(ConfigError, match="model.hidden_size=128 but the checkpoint has 32"):

@@ -107,11 +107,15 @@ def _is_prepared_dir(path: str) -> bool:
     return os.path.isdir(path) and os.path.exists(os.path.join(path, COMPLETE_MARKER))
 
 
-def load_prepared_corpus(path: str) -> PretrainingCorpus:
-    """A directory written by `flaxbert prepare` as the two splits pre-training reads."""
+def load_prepared_corpus(path: str, tokenizer_path: str = "") -> PretrainingCorpus:
+    """A directory written by `flaxbert prepare` as the two splits pre-training reads.
+    `tokenizer_path`: where its tokenizer is now, when the caller knows a file with the same
+    contents (the summary records the path it was prepared with, which may have moved)."""
     from flaxbert.data.prepared import load_prepared
 
     prepared = load_prepared(path)
+    if tokenizer_path:
+        prepared = dataclasses.replace(prepared, tokenizer_path=tokenizer_path)
     tokenizer = _load_tokenizer(prepared.tokenizer_path)
     s = prepared.summary["splits"]
     fixes = {  # checked before the flat arrays are derived: that can take a while
@@ -273,8 +277,8 @@ def _train_and_prepare(data, workdir: str) -> PretrainingCorpus:
             )
         except RuntimeError as e:  # SentencePiece refused, e.g. too many pieces for the text
             raise ConfigError(
-                f"{e}; set a smaller data.vocab_size (and model.vocab_size to match) or give "
-                "a larger corpus"
+                f"{e}; set a smaller data.vocab_size (model.vocab_size follows it) or give a "
+                "larger corpus"
             ) from None
     tokenizer_tag = hashlib.sha256(open(tokenizer, "rb").read()).hexdigest()[:10]
     options = {
@@ -297,7 +301,8 @@ def _train_and_prepare(data, workdir: str) -> PretrainingCorpus:
         # have changed since, the cache is stale and is prepared again.
         force=True,
     )
-    return load_prepared_corpus(output)
+    # The directory's name holds the tokenizer's hash: `tokenizer` is the same file.
+    return load_prepared_corpus(output, tokenizer)
 
 
 def _slug(spec: str) -> str:
