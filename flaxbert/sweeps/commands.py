@@ -1,6 +1,8 @@
 """The command lines of sweeps: `flaxbert sweep` (run a config's get_sweep points here, print
-their commands, or write a SLURM array job) and `flaxbert sweep-summary` (the summary of a
-sweep, finished or not). Their errors are one line on stderr and exit status 2.
+their commands, or write a SLURM array job), `flaxbert sweep-summary` (the summary of a
+sweep, finished or not) and `flaxbert evaluate-suite` (checkpoints fine-tuned on every task of
+a suite, and their leaderboard; flaxbert/sweeps/suite.py). Their errors are one line on
+stderr and exit status 2.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from flaxbert.config import ConfigError
 from flaxbert.sweeps.points import COMMANDS, load_sweep, write_sweep_json
 from flaxbert.sweeps.runner import dry_run, run_sweep
 from flaxbert.sweeps.slurm import emit_slurm
+from flaxbert.sweeps.suite import BASELINES, SUITES, run_suite
 from flaxbert.sweeps.summary import write_summary
 
 
 def add_sweep_parsers(commands) -> None:
-    """`flaxbert sweep` and `flaxbert sweep-summary`."""
+    """`flaxbert sweep`, `flaxbert sweep-summary` and `flaxbert evaluate-suite`."""
     _add_sweep_parser(commands)
     _add_summary_parser(commands)
+    _add_suite_parser(commands)
 
 
 def _add_sweep_parser(commands) -> None:
@@ -91,6 +95,44 @@ def _add_summary_parser(commands) -> None:
     p.set_defaults(func=run_summary_command)
 
 
+def _add_suite_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate-suite",
+        help="fine-tune checkpoints on every task of a suite and write a leaderboard",
+        description="Fine-tune each --init_from checkpoint (and, with --baseline random, a "
+        "random initialisation of the first one's structure and tokenizer) on every task "
+        "preset of the suite (ko: nsmc kornli korsts klue_ner; en: sst2 cola mrpc rte stsb "
+        "wikiann_en wnut17 squad_v1; all: both) with configs/finetune.py:TASK, each run in "
+        "WORKDIR/<column>/<task> as a point of a sweep: finished runs are skipped, "
+        "interrupted ones resume, a failed one is reported and the others go on (exit status "
+        "1 at the end). Then WORKDIR/leaderboard.csv, leaderboard.md (also printed) and "
+        "leaderboard.png: each task's main metric (eval/<main_metric> of final_metrics.json) "
+        "and their average, one column per checkpoint. --config.KEY=VALUE overrides apply to "
+        "every run, e.g. --config.data.train_limit=200 --config.train.num_epochs=1.",
+    )
+    p.add_argument(
+        "--init_from",
+        "--init-from",
+        dest="init_from",
+        action="append",
+        required=True,
+        metavar="CHECKPOINT",
+        help="a pre-training workdir, its checkpoints/ directory or one checkpoints/STEP "
+        "directory; give it several times to compare checkpoints side by side",
+    )
+    p.add_argument("--suite", required=True, choices=list(SUITES), help="the tasks to run")
+    p.add_argument("--workdir", required=True, help="the suite's directory; one subdirectory a run")
+    p.add_argument(
+        "--parallel", type=int, default=1, metavar="N", help="run N fine-tunings at a time"
+    )
+    p.add_argument(
+        "--baseline",
+        choices=BASELINES,
+        help="add a column: random initialisation, the first checkpoint's structure and tokenizer",
+    )
+    p.set_defaults(func=run_suite_command)
+
+
 METRIC_PREFIXES = ("eval/", "test/", "best/eval/", "best/test/")
 
 
@@ -134,3 +176,15 @@ def run_summary_command(args: argparse.Namespace) -> int:
     print("\n".join(open(paths[1]).read().splitlines()))
     print(f"wrote {', '.join(paths)}")
     return 0
+
+
+def run_suite_command(args: argparse.Namespace) -> int:
+    """`flaxbert evaluate-suite`: runs the suite and writes its leaderboard (see suite.py)."""
+    overrides = getattr(args, "config_overrides", [])
+    try:
+        return run_suite(
+            args.init_from, args.suite, args.workdir, overrides, args.parallel, args.baseline
+        )
+    except (ConfigError, ValueError) as e:
+        print(f"flaxbert evaluate-suite: error: {e}", file=sys.stderr)
+        return 2
