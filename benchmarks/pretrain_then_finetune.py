@@ -88,7 +88,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, REPO)
 
-from flaxbert.config import ConfigError, load_config, load_module  # noqa: E402
+from flaxbert.config import ConfigError, load_config  # noqa: E402
 from flaxbert.sweeps.logs import read_json  # noqa: E402
 from flaxbert.sweeps.points import point_names  # noqa: E402
 
@@ -323,7 +323,8 @@ def finetune_model(pretrained: dict) -> tuple[str, list[str]]:
     fine-tuning config has one of that name (`cpu30`), else the first of the same layers,
     hidden size and heads (mini when none), and every other architectural key where the
     variant's default differs."""
-    variants = load_module(FINETUNE_CONFIG).VARIANTS
+    from flaxbert.model_config import VARIANTS as variants  # the sizes both configs share
+
     pretrained_model = pretrained.get("model", {})
     shape = tuple(pretrained_model.get(k) for k in ("num_layers", "hidden_size", "num_heads"))
     variant = pretrained.get("variant")
