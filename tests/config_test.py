@@ -1,6 +1,6 @@
 import pytest
 
-from flaxbert.config import ConfigError, load_config
+from flaxbert.config import ConfigError, load_config, override_keys
 from flaxbert.model_config import BertConfig
 from flaxbert.train import validate_pretrain_config
 
@@ -26,6 +26,24 @@ def test_variants(repo_root, variant, layers, hidden, heads):
     assert isinstance(model, BertConfig)
     assert (model.num_layers, model.hidden_size, model.num_heads) == (layers, hidden, heads)
     assert model.intermediate_size == 4 * hidden
+
+
+@pytest.mark.parametrize("variant", ["tiny", "mini", "cpu30"])
+@pytest.mark.parametrize("corpus", ["ko", "en"])
+def test_cpu_sizes_on_a_shared_corpus_stop_within_the_hour(repo_root, variant, corpus):
+    """The corpus variants of the CPU sizes are sized for a workstation (about half an hour,
+    configs/pretrain.py:CORPUS_STEPS), with evaluations and checkpoints along the way; the
+    accelerator sizes keep the paper's scale."""
+    config = load_config(_spec(repo_root, f"{variant},corpus={corpus}"))
+    assert 1000 <= config.train.num_steps <= 6000
+    assert 0 < config.eval.every_steps < config.train.num_steps
+    assert 0 < config.checkpoint.every_steps < config.train.num_steps
+    assert load_config(_spec(repo_root, f"base,corpus={corpus}")).train.num_steps == 100_000
+
+
+def test_override_keys_are_what_the_command_line_names():
+    overrides = ["--config.model.hidden_size=64", "--config.train.num_steps", "5"]
+    assert override_keys(overrides) == {"model.hidden_size", "train.num_steps"}
 
 
 def test_required_keys_exist(repo_root):
