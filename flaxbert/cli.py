@@ -242,7 +242,7 @@ def _run(args: argparse.Namespace, overrides: list[str]) -> int:
     elif args.command == "compile":
         from flaxbert.preflight import preflight
 
-        preflight(config, args.workdir)
+        preflight(config, args.workdir, explicit=override_keys(overrides))
     return 0
 
 

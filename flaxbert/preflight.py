@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Collection
 
 import jax
 import ml_collections
 
-from flaxbert.train import setup_training, validate_pretrain_config
+from flaxbert.train import planned_model, setup_training
 
 log = logging.getLogger("flaxbert")
 
@@ -80,10 +81,14 @@ def xla_flops(compiled) -> float | None:
     return float(cost["flops"])
 
 
-def compile_train_step(config: ml_collections.ConfigDict) -> MemoryReport:
-    """Lowers and compiles the train step exactly as `pretrain` would, on abstract inputs."""
+def compile_train_step(
+    config: ml_collections.ConfigDict, workdir: str = "", explicit: Collection[str] = ()
+) -> MemoryReport:
+    """Lowers and compiles the train step exactly as `pretrain` would, on abstract inputs: the
+    model `train.planned_model` gives (an `init_from` checkpoint's structure, the tokenizer's
+    vocabulary unless `explicit` names model.vocab_size)."""
     jax.config.update("jax_threefry_partitionable", True)
-    model_config = validate_pretrain_config(config)
+    config, model_config = planned_model(config, workdir, explicit)
     setup = setup_training(config, model_config)
     parallel = setup.parallel
     state = setup.abstract_state()
@@ -107,9 +112,11 @@ def compile_train_step(config: ml_collections.ConfigDict) -> MemoryReport:
     )
 
 
-def preflight(config: ml_collections.ConfigDict, workdir: str) -> MemoryReport:
+def preflight(
+    config: ml_collections.ConfigDict, workdir: str, explicit: Collection[str] = ()
+) -> MemoryReport:
     """`flaxbert compile`: prints the report and writes it to `workdir/compile.json`."""
-    report = compile_train_step(config)
+    report = compile_train_step(config, workdir, explicit)
     if jax.process_index() == 0:
         print(report.format(), flush=True)
         os.makedirs(workdir, exist_ok=True)

@@ -401,17 +401,12 @@ def pretrain(
     Raises ConfigError (a bad key, before any work), FloatingPointError (train.nonfinite)."""
     # Random bits independent of the sharding: the same dropout masks on any mesh.
     jax.config.update("jax_threefry_partitionable", True)
-    if config.get("init_from"):
-        own = ckpt.checkpoint_directory(workdir, config.checkpoint)
-        config = continued_config(config, explicit, own if os.path.isdir(own) else "")
-    model_config = validate_pretrain_config(config)
+    config, model_config = planned_model(config, workdir, explicit)
     t, c = config.train, config.checkpoint
     done = finished_checkpoint(workdir, c, t.num_steps)
     if done is not None:
         return _already_finished(workdir, done, t.num_steps)
     follow = "model.vocab_size" not in explicit
-    if follow:
-        model_config = _with_vocab(model_config, expected_vocab_size(config.data, workdir))
     # A bad mesh or batch split stops the run before the data are read.
     chosen = parallel or parallel_from_config(config, model_config)
     corpus = load_corpus(config.data, workdir)
@@ -482,6 +477,23 @@ def pretrain(
         preempted=result.preempted,
         skipped_updates=result.skipped_updates,
     )
+
+
+def planned_model(
+    config: ml_collections.ConfigDict, workdir: str, explicit: Collection[str] = ()
+) -> tuple[ml_collections.ConfigDict, BertConfig]:
+    """(config, model) of a pre-training run on `workdir`, as far as they are known before
+    any data is read: with `init_from`, the checkpoint's structure and tokenizer
+    (`flaxbert.continued.continued_config`); `model.vocab_size` the data's tokenizer's unless
+    `explicit` (the keys named on the command line) holds it. `pretrain` checks the vocabulary
+    again once the corpus is loaded. Raises ConfigError naming a key that does not fit."""
+    if config.get("init_from"):
+        own = ckpt.checkpoint_directory(workdir, config.checkpoint)
+        config = continued_config(config, explicit, own if os.path.isdir(own) else "")
+    model_config = validate_pretrain_config(config)
+    if "model.vocab_size" not in explicit:
+        model_config = _with_vocab(model_config, expected_vocab_size(config.data, workdir))
+    return config, model_config
 
 
 def _fresh_state(setup: TrainingSetup, init_from: str):

@@ -204,7 +204,7 @@ CASES = [
 
 
 def _run(argv):
-    return run_cli(argv, cwd=REPO, timeout=240)
+    return run_cli(argv, cwd=REPO, timeout=240, fast_compiles=True)
 
 
 def _fill(argv, data, workdir="") -> list[str]:

@@ -12,6 +12,8 @@ from flaxbert.config import ConfigError, load_config, override_keys
 from flaxbert.data.sources import cached_tokenizer_path, load_corpus
 from flaxbert.train import pretrain
 
+pytestmark = pytest.mark.usefixtures("fast_compiles")
+
 SEQ = 64
 
 

@@ -13,5 +13,8 @@ The modules, each importing only those listed before it:
 - `runner`: running the unfinished points here, some at a time (`flaxbert sweep`), or
   printing their commands (`--dry-run`).
 - `slurm`: a SLURM array job with one task per point (`flaxbert sweep --emit slurm`).
-- `commands`: the command lines `flaxbert sweep` and `flaxbert sweep-summary`.
+- `suite`: `flaxbert evaluate-suite`, every task preset of a suite fine-tuned from each
+  checkpoint (and a random baseline) as one sweep, then a leaderboard (CSV, Markdown, PNG).
+- `commands`: the command lines `flaxbert sweep`, `flaxbert sweep-summary` and
+  `flaxbert evaluate-suite`.
 """
