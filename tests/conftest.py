@@ -15,6 +15,40 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
+# Test files by their share of the suite's time, longest first (a `--durations` run on the
+# 2-core machine, 2026-12-01). With `--dist loadfile` (pyproject's addopts) xdist hands whole
+# files to the two workers in collection order; starting with the longest leaves short files
+# for the end, so the workers finish together instead of one waiting on a long last file.
+LONGEST_FIRST = (
+    "checkpoint_test.py",
+    "finetune_test.py",
+    "cli_errors_test.py",
+    "sharding_test.py",
+    "convert_test.py",
+    "evaluate_suite_test.py",
+    "cli_test.py",
+    "speed_features_test.py",
+    "model_test.py",
+    "finetune_resume_test.py",
+    "train_test.py",
+    "resume_test.py",
+    "freeze_encoder_test.py",
+    "gpu_suite_test.py",
+    "sources_test.py",
+    "slurm_test.py",
+    "nonfinite_lr_test.py",
+    "legacy_checkpoint_test.py",
+    "multihost_test.py",
+    "pretrain_then_finetune_test.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Longest test files first (`LONGEST_FIRST`), the rest after them in their own order."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(autouse=True)
 def _root_log_handlers_restored():
     """Each test leaves the root logger's handlers as it found them. `flaxbert.cli.main` run in
