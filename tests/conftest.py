@@ -15,31 +15,33 @@ import pytest  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-# Test files by their share of the suite's time, longest first (a `--durations` run on the
-# 2-core machine, 2026-12-01). With `--dist loadfile` (pyproject's addopts) xdist hands whole
-# files to the two workers in collection order; starting with the longest leaves short files
-# for the end, so the workers finish together instead of one waiting on a long last file.
+# Test files, longest first: those holding one long subprocess run (a 600-step pre-training, a
+# benchmark end to end, a kill and resume), then those with the most time in all (a
+# `--durations` run of the suite on the 2-core machine, 2026-12-01). With `--dist loadfile
+# --no-loadscope-reorder` (pyproject's addopts) xdist hands whole files to the two workers in
+# this order, so the short files come last and the workers finish together; ordered by their
+# number of tests (xdist's default), the long single-test files ran last, one worker waiting.
 LONGEST_FIRST = (
-    "checkpoint_test.py",
+    "resume_test.py",
+    "cli_test.py",
+    "pretrain_then_finetune_test.py",
+    "evaluate_suite_test.py",
+    "gpu_suite_test.py",
     "finetune_test.py",
+    "checkpoint_test.py",
     "cli_errors_test.py",
     "sharding_test.py",
     "convert_test.py",
-    "evaluate_suite_test.py",
-    "cli_test.py",
-    "speed_features_test.py",
-    "model_test.py",
     "finetune_resume_test.py",
-    "train_test.py",
-    "resume_test.py",
-    "freeze_encoder_test.py",
-    "gpu_suite_test.py",
-    "sources_test.py",
+    "speed_features_test.py",
     "slurm_test.py",
-    "nonfinite_lr_test.py",
-    "legacy_checkpoint_test.py",
     "multihost_test.py",
-    "pretrain_then_finetune_test.py",
+    "legacy_checkpoint_test.py",
+    "model_test.py",
+    "train_test.py",
+    "freeze_encoder_test.py",
+    "sources_test.py",
+    "nonfinite_lr_test.py",
 )
 
 
