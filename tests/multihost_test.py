@@ -1,12 +1,11 @@
 """Two processes x 4 CPU devices, started by launch/local.sh, train exactly like 1 x 8."""
 
-import json
 import os
 import re
 import subprocess
 import sys
 
-import numpy as np
+from tiny import assert_processes_train_alike
 
 from flaxbert import train
 from flaxbert.config import load_config
@@ -39,11 +38,6 @@ OVERRIDES = [
 ]
 
 
-def _rows(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 def test_two_processes_match_one(repo_root, tmp_path, fast_compiles):
     config_spec = str(repo_root / "configs/pretrain.py") + ":tiny"
     env = {
@@ -70,15 +64,7 @@ def test_two_processes_match_one(repo_root, tmp_path, fast_compiles):
     assert "[Gloo]" not in out
     assert not re.search(r"^\[\d\] \S*$", out, re.M), out
 
-    one, two = _rows(single), _rows(multi)
-    # Only process 0 writes: one row per step, not two.
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 3]
-    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm", "param_norm"):
-        np.testing.assert_allclose(
-            [r[key] for r in two[:3]], [r[key] for r in one[:3]], rtol=1e-5, err_msg=key
-        )
-    np.testing.assert_allclose(two[3]["eval/loss"], one[3]["eval/loss"], rtol=1e-5)
-    assert one[3]["eval/loss"] == result.eval_metrics["eval/loss"]
+    assert_processes_train_alike(single, multi, result)
 
 
 def test_launcher_stops_the_others_when_one_fails(repo_root):

@@ -13,10 +13,9 @@ import os
 import re
 import sys
 
-import numpy as np
 import pytest
 import slurm_cluster
-from tiny import tiny_overrides
+from tiny import assert_processes_train_alike, tiny_overrides
 
 from flaxbert import cli, train
 from flaxbert.config import load_config
@@ -76,11 +75,6 @@ def job_env(repo_root, tmp_path):
     }
 
 
-def _rows(workdir):
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
-
-
 def _assert_completed(cluster, states, *outputs):
     logs = "\n".join(p.read_text()[-4000:] for p in outputs if p.exists())
     bad = [s for s in states if (s.state, s.exit_code) != ("COMPLETED", "0:0")]
@@ -111,15 +105,7 @@ def test_sbatch_two_tasks_train_like_one_process(
     text = out.read_text()
     for i in (0, 1):
         assert re.search(rf"^{i}: .*process {i} of 2 \(slurm\); 4 local of 8 devices$", text, re.M)
-    one, two = _rows(single), _rows(multi)
-    # Only process 0 writes: one row per step, not two.
-    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 3]
-    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm", "param_norm"):
-        np.testing.assert_allclose(
-            [r[key] for r in two[:3]], [r[key] for r in one[:3]], rtol=1e-5, err_msg=key
-        )
-    np.testing.assert_allclose(two[3]["eval/loss"], one[3]["eval/loss"], rtol=1e-5)
-    assert one[3]["eval/loss"] == result.eval_metrics["eval/loss"]
+    assert_processes_train_alike(single, multi, result)
 
 
 def test_sbatch_gives_one_task_per_node_all_the_gpus(cluster, repo_root, tmp_path):

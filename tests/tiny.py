@@ -80,3 +80,27 @@ def ko_en_pretraining_workdir(repo_root, tmp):
     c.save(7, view.params, view.opt_state, meta)
     c.close()
     return workdir, jax.device_get(state.params)
+
+
+def metrics_rows(workdir) -> list[dict]:
+    """Every row of WORKDIR/metrics.jsonl."""
+    import json
+
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def assert_processes_train_alike(single, multi, result) -> None:
+    """A 3-step run in two processes (`multi`) logged what the same run in one process
+    (`single`, whose PretrainResult is `result`) did: one row per step (only process 0
+    writes), the same losses and norms and the same final evaluation (rtol 1e-5)."""
+    import numpy as np
+
+    one, two = metrics_rows(single), metrics_rows(multi)
+    assert [r["step"] for r in two] == [r["step"] for r in one] == [1, 2, 3, 3]
+    for key in ("loss", "mlm_loss", "nsp_loss", "grad_norm", "param_norm"):
+        np.testing.assert_allclose(
+            [r[key] for r in two[:3]], [r[key] for r in one[:3]], rtol=1e-5, err_msg=key
+        )
+    np.testing.assert_allclose(two[3]["eval/loss"], one[3]["eval/loss"], rtol=1e-5)
+    assert one[3]["eval/loss"] == result.eval_metrics["eval/loss"]
